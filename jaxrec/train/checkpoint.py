@@ -1,0 +1,122 @@
+"""Orbax checkpoints of a run: train state, data-iterator state, config, vocabulary.
+
+Layout: `<run>/checkpoints/<step>/{state, data, meta, config, vocab[, frozen]}`. Saves are
+async and atomic (Orbax commits a step only when every item is written). The newest N
+checkpoints are kept plus the best one by the selection metric. A checkpoint that
+fails to restore is moved to `<run>/quarantine/` with a warning and the previous one is
+used, so a crash mid-write or a damaged file never blocks a resume and nothing is deleted.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+log = logging.getLogger("jaxrec")
+
+
+class CheckpointNotFound(FileNotFoundError):
+    pass
+
+
+class RunCheckpoints:
+    def __init__(self, run_dir: Path, keep: int = 2, keep_best: bool = True, async_save: bool = True,
+                 metric: str | None = None, read_only: bool = False):
+        self.run_dir = Path(run_dir).absolute()
+        self.directory = self.run_dir / "checkpoints"
+        self.metric = metric
+        keep_policy = policies.LatestN(keep)
+        if keep_best and metric:
+            keep_policy = policies.AnyPreservationPolicy([
+                keep_policy,
+                policies.BestN(get_metric_fn=lambda m: m[metric], n=1, keep_checkpoints_without_metrics=False)])
+        self._options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=async_save, preservation_policy=keep_policy,
+            create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
+        self._open()
+
+    def _open(self) -> None:
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+
+    # ------------------------------------------------------------------ saving
+    def save(self, step: int, state: Any, data_iterator: Any, meta: dict, config: dict, vocab: dict,
+             metrics: dict[str, float] | None = None, frozen: Any = None) -> None:
+        items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+                     config=ocp.args.JsonSave(config), vocab=ocp.args.JsonSave(vocab))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if frozen is not None:
+            items["frozen"] = ocp.args.StandardSave(frozen)
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # ------------------------------------------------------------------ reading
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def read_json(self, step: int, item: str) -> Any:
+        out = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+        return out[item]
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any = None,
+                abstract_frozen: Any = None) -> dict[str, Any]:
+        items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        if abstract_frozen is not None:
+            items["frozen"] = ocp.args.StandardRestore(abstract_frozen)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return {k: out[k] for k in items}
+
+    def restore_latest(self, abstract_state: Any, data_iterator: Any = None,
+                       abstract_frozen: Any = None) -> tuple[int, dict[str, Any]] | None:
+        """Newest checkpoint that restores cleanly; damaged ones are quarantined."""
+        for step in reversed(self.steps()):
+            try:
+                return step, self.restore(step, abstract_state, data_iterator, abstract_frozen)
+            except Exception as e:  # any failure to read means the files are unusable
+                self.quarantine(step, e)
+        return None
+
+    def quarantine(self, step: int, error: BaseException) -> None:
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        target = self.run_dir / "quarantine" / f"{step}-{int(time.time())}"
+        log.warning("checkpoint %s/%d could not be restored (%s: %s); moved to %s, falling back to the "
+                    "previous one", self.directory, step, type(error).__name__, reason, target)
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+        self._barrier(f"quarantine-{step}")
+        self.manager.close()
+        self._open()
+
+    @staticmethod
+    def _barrier(name: str) -> None:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(name)
+
+
+def find_run_checkpoints(path: str | Path) -> Path:
+    """Accept a run directory or its `checkpoints/` folder; return the run directory."""
+    path = Path(path).absolute()
+    if (path / "checkpoints").is_dir():
+        return path
+    if path.name == "checkpoints" and path.is_dir():
+        return path.parent
+    if path.parent.name == "checkpoints" and path.name.isdigit():
+        return path.parent.parent
+    raise CheckpointNotFound(f"{path}: no checkpoints found (expected a run directory containing checkpoints/)")

@@ -1,0 +1,84 @@
+"""Where numbers go: a JSONL metrics file (tests read it), TensorBoard events, tables."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Mapping
+
+import jax
+
+
+class MetricsWriter:
+    """Appends one JSON object per event to `<run>/metrics.jsonl`; mirrors scalars to TensorBoard.
+
+    Only process 0 writes. The file is opened in append mode so a resumed run keeps its
+    history; each line is flushed, so a killed run loses at most the line being written.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, kind: str, step: int, values: Mapping[str, object]) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": int(step), "time": round(time.time(), 3), **_jsonable(values)}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def _jsonable(values: Mapping[str, object]) -> dict:
+    out = {}
+    for key, value in values.items():
+        if hasattr(value, "tolist"):
+            value = value.tolist()
+        if isinstance(value, float) and not math.isfinite(value):
+            value = str(value)
+        out[key] = value
+    return out
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def metrics_table(rows: Mapping[str, Mapping[str, float]], title: str = "") -> str:
+    """Rows = {row label: {metric: value}}; columns are the union of metric names in order."""
+    columns: list[str] = []
+    for values in rows.values():
+        for key, value in values.items():
+            if key not in columns and isinstance(value, (int, float)):
+                columns.append(key)
+    label_width = max([len(r) for r in rows] + [5])
+    widths = [max(len(c), 7) for c in columns]
+    lines = [title] if title else []
+    lines.append(" ".join([" " * label_width] + [c.rjust(w) for c, w in zip(columns, widths)]))
+    for label, values in rows.items():
+        cells = []
+        for c, w in zip(columns, widths):
+            v = values.get(c)
+            cells.append(("-" if v is None else f"{v:.4f}").rjust(w))
+        lines.append(" ".join([label.ljust(label_width)] + cells))
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import tests.train.toy_task  # noqa: F401  (registers the toy task)
+from jaxrec.config import ConfigError, build_config
+from jaxrec.train.trainer import NonFiniteLoss, train
+
+
+def toy_config(tmp_path, **sections):
+    data = {"task": "toy", "run": {"dir": str(tmp_path / "run")},
+            "train": {"batch_size": 32, "steps": 40, "lr": 0.1, "warmup_steps": 0, "eval_every": 20,
+                      "log_every": 10, "progress": False},
+            "eval": {"metric": "ndcg@10", "ks": [10]},
+            "checkpoint": {"every": 10, "async_save": False},
+            "mesh": {"data": -1}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return build_config(data, "toy.yaml")
+
+
+def test_toy_learns_and_writes_run_files(tmp_path):
+    result = train(toy_config(tmp_path))
+    assert result.tests["test"]["ndcg@10"] > 0.85
+    run = tmp_path / "run"
+    kinds = {json.loads(l)["kind"] for l in (run / "metrics.jsonl").read_text().splitlines()}
+    assert {"train", "valid", "test"} <= kinds
+    assert (run / "config.yaml").exists() and (run / "results.json").exists()
+
+
+def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = toy_config(tmp_path, model={"blow_up_at_step": 25})
+    with pytest.raises(NonFiniteLoss, match="step 26"):
+        train(cfg)
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] == 20
+
+
+def test_mesh_that_does_not_divide_devices_names_key(tmp_path):
+    with pytest.raises(ConfigError, match="toy.yaml: mesh"):
+        train(toy_config(tmp_path, mesh={"data": 3, "fsdp": 1, "tensor": 1}))
