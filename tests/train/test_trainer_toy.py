@@ -41,3 +41,14 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
 def test_mesh_that_does_not_divide_devices_names_key(tmp_path):
     with pytest.raises(ConfigError, match="toy.yaml: mesh"):
         train(toy_config(tmp_path, mesh={"data": 3, "fsdp": 1, "tensor": 1}))
+
+
+def test_evaluate_restores_onto_another_mesh(tmp_path, capsys):
+    from jaxrec.train.runs import evaluate_run
+    result = train(toy_config(tmp_path, mesh={"data": 2, "fsdp": 2, "tensor": 2}))
+    capsys.readouterr()
+    # A process's device count is fixed at start-up: the restore onto 1 device runs in a
+    # subprocess (tests/test_cli.py); here the state moves from a 2x2x2 mesh to 8x1x1.
+    again = evaluate_run(tmp_path / "run", overrides=["mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1"])
+    assert again["test"]["ndcg@10"] == pytest.approx(result.tests["test"]["ndcg@10"], abs=1e-6)
+    assert "toy" in capsys.readouterr().out
