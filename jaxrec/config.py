@@ -40,7 +40,7 @@ class DataConfig:
     source: str = "synthetic"      # "synthetic" or a path (file or directory)
     format: str = "auto"           # reader: auto | pairs | sequences | movielens | recbole | llara
     synthetic: str = "default"     # preset of the embedded generator: default | tiny
-    synthetic_seed: int = 0
+    synthetic_options: dict = field(default_factory=dict)   # SyntheticConfig fields to change, e.g. {n_users: 500}
     split: Literal["leave_one_out", "gap", "temporal"] = "leave_one_out"
     min_length: int = 3            # leave-one-out: shorter users are train-only
     lapse: int = 30                # gap protocol: events between the no-gap and the gap target

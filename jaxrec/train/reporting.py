@@ -64,13 +64,27 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+METRIC_ORDER = ("hr", "ndcg", "mrr", "recall")
+
+
+def column_order(names: list[str]) -> list[str]:
+    """hr/ndcg/mrr/recall grouped by K ascending, then any other columns, `examples` last."""
+    def key(name: str):
+        metric, _, k = name.partition("@")
+        if k.isdigit() and metric in METRIC_ORDER:
+            return (0, int(k), METRIC_ORDER.index(metric), name)
+        return (2, 0, 0, name) if name == "examples" else (1, 0, 0, name)
+    return sorted(names, key=key)
+
+
 def metrics_table(rows: Mapping[str, Mapping[str, float]], title: str = "") -> str:
-    """Rows = {row label: {metric: value}}; columns are the union of metric names in order."""
+    """Rows = {row label: {metric: value}}; columns are the union of scalar metric names."""
     columns: list[str] = []
     for values in rows.values():
         for key, value in values.items():
             if key not in columns and isinstance(value, (int, float)):
                 columns.append(key)
+    columns = column_order(columns)
     label_width = max([len(r) for r in rows] + [5])
     widths = [max(len(c), 7) for c in columns]
     lines = [title] if title else []
@@ -79,6 +93,7 @@ def metrics_table(rows: Mapping[str, Mapping[str, float]], title: str = "") -> s
         cells = []
         for c, w in zip(columns, widths):
             v = values.get(c)
-            cells.append(("-" if v is None else f"{v:.4f}").rjust(w))
+            text = "-" if v is None else f"{int(v):,}" if c == "examples" else f"{v:.4f}"
+            cells.append(text.rjust(w))
         lines.append(" ".join([label.ljust(label_width)] + cells))
     return "\n".join(lines)

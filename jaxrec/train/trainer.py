@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from jaxrec.train import mesh as mesh_lib
 from jaxrec.train import pipeline
 from jaxrec.train.checkpoint import RunCheckpoints
 from jaxrec.train.evaluation import Evaluator
-from jaxrec.train.reporting import MetricsWriter, metrics_table
+from jaxrec.train.reporting import MetricsWriter, column_order, metrics_table
 from jaxrec.train.state import TrainState, schedule, unboxed_abstract, with_clipping
 from jaxrec.train.task import Task, task_class
 
@@ -190,8 +191,10 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
         previous_handler = signal.signal(signal.SIGTERM, on_signal)
     except ValueError:
         previous_handler = None
+    interactive = sys.stderr.isatty()
     progress = tqdm(total=n_steps, initial=start_step, disable=not (cfg.train.progress and is_main),
-                    desc=f"train {cfg.task}", unit="step", dynamic_ncols=True)
+                    desc=f"train {cfg.task}", unit="step", dynamic_ncols=True,
+                    mininterval=0.5 if interactive else 30.0)
     pending: tuple[int, Any] | None = None          # (step, metrics) of the last dispatched step
     window_start, window_steps, last_loss = time.time(), 0, float("nan")
     stopped_early = bool(meta.get("stopped_early"))
@@ -241,7 +244,8 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
                         log.info("early stop at step %d: %s did not improve for %d evaluations",
                                  step, cfg.eval.metric, cfg.train.patience)
                     progress.write(f"step {step}: valid " + ", ".join(
-                        f"{k}={v:.4f}" for k, v in values.items() if isinstance(v, float) and "@" in k))
+                        f"{k}={values[k]:.4f}" for k in column_order(list(values))
+                        if k.startswith(("hr@", "ndcg@"))))
                     save(state, step, metrics=_scalars(values))
                 elif at_save:
                     save(state, step)
