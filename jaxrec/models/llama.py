@@ -1,0 +1,433 @@
+"""A Llama-family causal LM in Flax linen (Llama 2/3, SmolLM2, Mistral-, Qwen2-style).
+
+RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP, optional q/k/v biases,
+tied or untied output embeddings, per-layer sliding windows. Layers are one `nn.scan`
+(stacked parameters with a leading `layers` axis), so compile time does not grow with
+depth. Every parameter carries logical axis names (`vocab, embed, heads, kv_heads, mlp,
+lora_rank`), so data-parallel, FSDP or tensor-parallel is a mesh/rules choice only.
+
+The call (see `Llama.__call__`) takes token ids *or* input embeddings (hybrid prompts
+splice projected item embeddings into the sequence), an attention mask for padded
+batches, an optional MoE-LoRA gate per example, and optionally a KV cache to extend or a
+read-only shared prefix cache. Positions come from the mask (cumsum - 1), so left- and
+right-padded rows give the same outputs as unpadded ones.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxrec.models.llama_config import LlamaConfig, UnsupportedModelError  # noqa: F401  (re-export)
+from jaxrec.models.lora import LoRADense, merge_trainable, split_trainable
+
+_NEG = float(np.finfo(np.float32).min)
+
+
+class KVCache(struct.PyTreeNode):
+    """Keys/values of all layers for `batch` rows and `max_length` slots.
+
+    k, v: [layers, batch, max_length, kv_heads, head_dim]; valid: [batch, max_length]
+    (slot holds a real token); positions: [batch, max_length] (its rotary position);
+    index: the next free slot (same for every row; padding is handled by `valid`).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def create(cls, config: LlamaConfig, batch: int, max_length: int) -> "KVCache":
+        shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
+        return cls(k=jnp.zeros(shape, config.dtype), v=jnp.zeros(shape, config.dtype),
+                   valid=jnp.zeros((batch, max_length), bool), positions=jnp.zeros((batch, max_length), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.valid.shape[1]
+
+    def lengths(self) -> jax.Array:
+        """Real tokens per row [batch] (= the next rotary position)."""
+        return self.valid.sum(-1).astype(jnp.int32)
+
+    def take(self, rows: jax.Array) -> "KVCache":
+        """Rows in a new order/multiplicity (beam reordering, broadcasting to continuations)."""
+        return self.replace(k=jnp.take(self.k, rows, axis=1), v=jnp.take(self.v, rows, axis=1),
+                            valid=jnp.take(self.valid, rows, axis=0), positions=jnp.take(self.positions, rows, axis=0))
+
+    def repeat(self, n: int) -> "KVCache":
+        """Each row repeated n times consecutively: row b → rows b·n … b·n+n-1."""
+        return self.take(jnp.repeat(jnp.arange(self.batch_size), n))
+
+
+class LlamaOutput(struct.PyTreeNode):
+    logits: jax.Array            # [B, T, vocab] float32, or [B, vocab] with logit_index
+    hidden: jax.Array | None     # [B, T, d] final-normed hidden states (return_hidden=True)
+    cache: KVCache | None        # the updated cache when one was passed
+
+
+class _Context(struct.PyTreeNode):
+    """Per-call attention bookkeeping shared (broadcast) by all layers."""
+
+    q_positions: jax.Array          # [B, T]
+    q_slots: jax.Array              # [T] slot of each query among the keys
+    key_valid: jax.Array            # [B, S]
+    key_positions: jax.Array        # [B, S]
+    write_index: jax.Array | None   # cache slot of the first new token
+    prefix_valid: jax.Array | None  # [Bp, P]
+    prefix_positions: jax.Array | None
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, factor: float) -> jax.Array:
+    """Rotary embedding, half-split ("rotate_half") convention. x [B,T,H,hd], positions [B,T]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)        # [B,T,hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = (jnp.cos(angles) * factor).astype(x.dtype), (jnp.sin(angles) * factor).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def _allowed(q_pos, q_slot, k_valid, k_pos, k_slot, window):
+    """[B,T,S] attention mask: real key, causal by slot, inside the sliding window (if > 0)."""
+    ok = k_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
+    in_window = (q_pos[:, :, None] - k_pos[:, None, :]) < window
+    return ok & ((window <= 0) | in_window)
+
+
+def _attend(q, k, v, mask, prefix=None):
+    """Softmax attention with grouped KV heads; q [B,T,H,hd] pre-scaled, k/v [B,S,Hkv,hd].
+
+    `prefix` = (pk, pv, pmask) with pk/pv [Bp,P,Hkv,hd], pmask [B,T,P], B = Bp·R: query
+    rows b·R … b·R+R-1 share prefix row b, which is read in place, never copied R times.
+    """
+    B, T, H, hd = q.shape
+    Hkv = k.shape[2]
+    q = q.reshape(B, T, Hkv, H // Hkv, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    s = jnp.where(mask[:, None, None], s, _NEG)
+    if prefix is None:
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(B, T, H, hd)
+    pk, pv, pmask = prefix
+    Bp, P = pk.shape[:2]
+    qp = q.reshape(Bp, B // Bp, T, Hkv, H // Hkv, hd)
+    ps = jnp.einsum("brtkgd,bpkd->brkgtp", qp, pk, preferred_element_type=jnp.float32).reshape(B, Hkv, -1, T, P)
+    ps = jnp.where(pmask[:, None, None], ps, _NEG)
+    p = jax.nn.softmax(jnp.concatenate([ps, s], axis=-1), axis=-1).astype(v.dtype)
+    p_prefix, p_own = p[..., :P], p[..., P:]
+    out = jnp.einsum("bkgts,bskd->btkgd", p_own, v)
+    out_prefix = jnp.einsum("brkgtp,bpkd->brtkgd", p_prefix.reshape(Bp, B // Bp, *p_prefix.shape[1:]), pv)
+    return (out + out_prefix.reshape(out.shape)).reshape(B, T, H, hd)
+
+
+def _proj(cfg: LlamaConfig, name: str, features: int, axes, bias: bool, deterministic: bool) -> LoRADense:
+    lora = cfg.lora if cfg.lora is not None and cfg.lora.applies_to(name) else None
+    return LoRADense(features, axes, bias, lora, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
+                     deterministic, name=name)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, ctx: _Context, gates, cache_k, cache_v, prefix_k, prefix_v, window):
+        cfg, det = self.config, self.deterministic
+        B, T, _ = x.shape
+        H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = _proj(cfg, "q_proj", H * hd, ("embed", "heads"), cfg.qkv_bias, det)(x, gates).reshape(B, T, H, hd)
+        k = _proj(cfg, "k_proj", Hkv * hd, ("embed", "kv_heads"), cfg.qkv_bias, det)(x, gates).reshape(B, T, Hkv, hd)
+        v = _proj(cfg, "v_proj", Hkv * hd, ("embed", "kv_heads"), cfg.qkv_bias, det)(x, gates).reshape(B, T, Hkv, hd)
+        q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "kv"))
+        k = nn.with_logical_constraint(k, ("batch", "seq", "kv_heads", "kv"))
+        v = nn.with_logical_constraint(v, ("batch", "seq", "kv_heads", "kv"))
+        longest = ctx.key_valid.shape[1] + (0 if ctx.prefix_valid is None else ctx.prefix_valid.shape[1])
+        inv_freq, factor = cfg.rope_frequencies(longest)
+        q = apply_rope(q, ctx.q_positions, inv_freq, factor) * jnp.asarray(hd ** -0.5, q.dtype)
+        k = apply_rope(k, ctx.q_positions, inv_freq, factor)
+
+        new_kv = None
+        if cache_k is not None:
+            start = (0, ctx.write_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            new_kv = (k, v)
+        key_slots = jnp.arange(ctx.key_valid.shape[1])
+        mask = _allowed(ctx.q_positions, ctx.q_slots, ctx.key_valid, ctx.key_positions, key_slots, window)
+        prefix = None
+        if prefix_k is not None:
+            rows = B // prefix_k.shape[0]
+            p_valid = jnp.repeat(ctx.prefix_valid, rows, axis=0)
+            p_pos = jnp.repeat(ctx.prefix_positions, rows, axis=0)
+            p_slots = jnp.full((p_valid.shape[1],), -1)
+            pmask = _allowed(ctx.q_positions, ctx.q_slots, p_valid, p_pos, p_slots, window)
+            prefix = (prefix_k.astype(q.dtype), prefix_v.astype(q.dtype), pmask)
+        out = _attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, prefix)
+        out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv")).reshape(B, T, H * hd)
+        return _proj(cfg, "o_proj", cfg.hidden_size, ("heads", "embed"), cfg.o_bias, det)(out, gates), new_kv
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, gates):
+        cfg, det = self.config, self.deterministic
+        gate = _proj(cfg, "gate_proj", cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, det)(x, gates)
+        up = _proj(cfg, "up_proj", cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, det)(x, gates)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        return _proj(cfg, "down_proj", cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, det)(h, gates)
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, h, layer_xs, ctx: _Context, gates):
+        cfg = self.config
+        cache_k, cache_v, prefix_k, prefix_v, window = layer_xs
+        norm = dict(eps=cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        x = RMSNorm(**norm, name="input_layernorm")(h)
+        attn, new_kv = Attention(cfg, self.deterministic, name="self_attn")(
+            x, ctx, gates, cache_k, cache_v, prefix_k, prefix_v, window)
+        h = h + attn
+        h = h + MLP(cfg, self.deterministic, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(h), gates)
+        return nn.with_logical_constraint(h, ("batch", "seq", "embed")), new_kv
+
+
+class Llama(nn.Module):
+    """Llama-family causal LM. Parameters: `embed_tokens` [vocab, d],
+    `layers/...` stacked over layers, `norm/scale`, and `lm_head/kernel` [d, vocab] unless tied."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None, *,
+                 inputs_embeds: jax.Array | None = None, positions: jax.Array | None = None,
+                 lora_gates: jax.Array | None = None, cache: KVCache | None = None,
+                 prefix: KVCache | None = None, logit_index: jax.Array | None = None,
+                 return_hidden: bool = False, deterministic: bool = True) -> LlamaOutput:
+        """Run the decoder.
+
+        input_ids [B,T] int, or inputs_embeds [B,T,d] (exactly one).
+        attention_mask [B,T]: 1 = real token, 0 = padding (left or right); default all ones.
+        positions [B,T]: rotary positions; default = tokens already in `cache`/`prefix` +
+            cumsum(attention_mask) - 1, which makes padding invisible.
+        lora_gates [B,E]: MoE-LoRA expert weights per example (required iff the model's
+            LoRA has E > 1 experts; None otherwise). Shared by every token and layer.
+        cache: a `KVCache` to extend: the T new tokens are written at slots
+            cache.index … cache.index+T-1 and attend to everything valid before them;
+            the updated cache is returned in `.cache`.
+        prefix: a read-only `KVCache` of Bp rows shared by B = Bp·R query rows
+            (row b·R+j continues prefix row b): scores R continuations of each prompt
+            without copying the prompt's keys/values. Not combinable with `cache`.
+        logit_index [B]: compute logits only at this time index per row → [B, vocab].
+        return_hidden: also return the final-normed hidden states [B,T,d].
+        deterministic: False enables LoRA dropout (needs rngs={'dropout': key}).
+        """
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B,T] or inputs_embeds [B,T,d]")
+        if cache is not None and prefix is not None:
+            raise ValueError("a call takes either a cache to extend or a read-only prefix, not both")
+        table = self.param("embed_tokens", _embedding_init, (cfg.vocab_size, cfg.hidden_size),
+                           jnp.dtype(cfg.param_dtype))
+        if inputs_embeds is None:
+            h = jnp.take(table, input_ids, axis=0).astype(dtype)
+        else:
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
+                raise ValueError(f"inputs_embeds must be [B,T,{cfg.hidden_size}], got {tuple(inputs_embeds.shape)}")
+            h = inputs_embeds.astype(dtype)
+        B, T = h.shape[:2]
+        h = nn.with_logical_constraint(h, ("batch", "seq", "embed"))
+        mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        gates = _check_gates(cfg, lora_gates, B)
+
+        if cache is not None:
+            base = cache.lengths()
+        elif prefix is not None:
+            if B % prefix.batch_size:
+                raise ValueError(f"batch {B} is not a multiple of the prefix batch {prefix.batch_size}")
+            base = jnp.repeat(prefix.lengths(), B // prefix.batch_size)
+        else:
+            base = jnp.zeros((B,), jnp.int32)
+        if positions is None:
+            positions = jnp.maximum(base[:, None] + jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)
+        positions = positions.astype(jnp.int32)
+        if cache is not None:
+            idx = cache.index
+            ctx = _Context(q_positions=positions, q_slots=idx + jnp.arange(T),
+                           key_valid=jax.lax.dynamic_update_slice(cache.valid, mask, (0, idx)),
+                           key_positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, idx)),
+                           write_index=idx, prefix_valid=None, prefix_positions=None)
+        else:
+            ctx = _Context(q_positions=positions, q_slots=jnp.arange(T), key_valid=mask, key_positions=positions,
+                           write_index=None, prefix_valid=None if prefix is None else prefix.valid,
+                           prefix_positions=None if prefix is None else prefix.positions)
+
+        windows = jnp.asarray(cfg.layer_windows or (0,) * cfg.num_layers, jnp.int32)
+        layer_xs = (None if cache is None else cache.k, None if cache is None else cache.v,
+                    None if prefix is None else prefix.k, None if prefix is None else prefix.v, windows)
+        layer = nn.remat(DecoderLayer, prevent_cse=False) if cfg.remat else DecoderLayer
+        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        h, new_kv = stack(cfg, deterministic, name="layers")(h, layer_xs, ctx, gates)
+        h = RMSNorm(cfg.rms_norm_eps, dtype, jnp.dtype(cfg.param_dtype), name="norm")(h)
+
+        out_h = h
+        if logit_index is not None:
+            out_h = jnp.take_along_axis(h, logit_index.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
+        if cfg.tie_word_embeddings:
+            logits = jnp.dot(out_h, table.astype(dtype).T)
+        else:
+            logits = LoRADense(cfg.vocab_size, ("embed", "vocab"), dtype=dtype,
+                               param_dtype=jnp.dtype(cfg.param_dtype), name="lm_head")(out_h)
+        logits = logits.astype(jnp.float32)
+        if logit_index is None:
+            logits = nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=ctx.key_valid, positions=ctx.key_positions,
+                                index=cache.index + T)
+        return LlamaOutput(logits=logits, hidden=h if return_hidden else None, cache=new_cache)
+
+
+_embedding_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
+
+
+def _check_gates(cfg: LlamaConfig, gates, batch: int):
+    experts = cfg.lora.num_experts if cfg.lora is not None else 0
+    if experts > 1:
+        if gates is None:
+            raise ValueError(f"the model's MoE-LoRA has {experts} experts: pass lora_gates [batch, {experts}]")
+        if gates.shape != (batch, experts):
+            raise ValueError(f"lora_gates must have shape [{batch}, {experts}], got {tuple(gates.shape)}")
+        return gates
+    if gates is not None:
+        raise ValueError("lora_gates given, but the model has no MoE-LoRA adapter (num_experts > 1)")
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Parameter helpers (pure; params are plain unboxed pytrees)
+# ---------------------------------------------------------------------------------------
+def embed_tokens(params: Any, input_ids: jax.Array, dtype: Any = None) -> jax.Array:
+    """Look token ids up in the (frozen) embedding table: [B,T] → [B,T,d].
+
+    Used to build hybrid prompts: embed the text, then splice projected item embeddings
+    in at the placeholder positions and call the model with `inputs_embeds`.
+    """
+    table = nn.unbox(params["embed_tokens"])
+    out = jnp.take(table, input_ids, axis=0)
+    return out if dtype is None else out.astype(dtype)
+
+
+@partial(jax.jit, static_argnames=("model", "return_hidden", "deterministic"))
+def forward(model: Llama, params: Any, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
+            *, inputs_embeds: jax.Array | None = None, lora_gates: jax.Array | None = None,
+            return_hidden: bool = False, deterministic: bool = True,
+            dropout_rng: jax.Array | None = None) -> LlamaOutput:
+    """Jitted full-sequence call of `model` (see `Llama.__call__` for the arguments).
+
+    For training, call `model.apply` inside your own jitted step instead; this is the
+    convenience entry point for inference, scoring and embedding extraction.
+    """
+    rngs = None if deterministic else {"dropout": dropout_rng}
+    return model.apply({"params": params}, input_ids, attention_mask, inputs_embeds=inputs_embeds,
+                       lora_gates=lora_gates, return_hidden=return_hidden, deterministic=deterministic, rngs=rngs)
+
+
+def _dummy_call_kwargs(config: LlamaConfig) -> dict:
+    kw = {"input_ids": jnp.zeros((1, 1), jnp.int32)}
+    if config.lora is not None and config.lora.num_experts > 1:
+        kw["lora_gates"] = jnp.ones((1, config.lora.num_experts), jnp.float32) / config.lora.num_experts
+    return kw
+
+
+def abstract_params(model: Llama) -> Any:
+    """Shapes/dtypes of the parameters, with their logical-axis boxes (no allocation)."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), **_dummy_call_kwargs(model.config))["params"])
+
+
+def param_shardings(model: Llama, mesh, rules=None) -> Any:
+    """NamedSharding tree matching the (unboxed) parameters, from the logical axis rules.
+
+    A mesh axis that does not divide a dimension (3 KV heads on tensor=2, a vocabulary
+    of 49152 on 5 devices) is dropped from that dimension, which is then replicated.
+    """
+    from jaxrec.train.mesh import DEFAULT_RULES, logical_shardings
+    abstract = abstract_params(model)
+    shardings = logical_shardings(abstract, mesh, DEFAULT_RULES if rules is None else rules)
+    return jax.tree.map(lambda s, a: fit_sharding(s, a.shape), shardings, nn.unbox(abstract))
+
+
+def fit_sharding(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    """`sharding` with every mesh axis removed from the dimensions it does not divide."""
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    changed = False
+    for i, axes in enumerate(spec):
+        if axes is None:
+            continue
+        names = (axes,) if isinstance(axes, str) else tuple(axes)
+        if shape[i] % math.prod(sharding.mesh.shape[n] for n in names):
+            spec[i], changed = None, True
+    return NamedSharding(sharding.mesh, P(*spec)) if changed else sharding
+
+
+def init_params(model: Llama, rng: jax.Array) -> Any:
+    """Random parameters (unboxed), e.g. for tests; real weights come from jaxrec.weights."""
+    return nn.unbox(model.init(rng, **_dummy_call_kwargs(model.config))["params"])
+
+
+def init_adapters(model: Llama, params: Any, rng: jax.Array, shardings: Any = None) -> Any:
+    """Add freshly initialised adapter parameters (per `model.config.lora`) to `params`.
+
+    Only the adapter leaves are computed (the base initialisers are dead code that XLA
+    drops), so this is cheap even for a 7B base. Existing adapter leaves are replaced.
+    `shardings`: optional NamedSharding tree of the full model (see `param_shardings`).
+    """
+    if model.config.lora is None:
+        raise ValueError("model.config.lora is None: set a LoraConfig (config.with_lora(...)) first")
+
+    def adapters(key):
+        return split_trainable(init_params(model, key))[0]
+
+    out_shardings = None
+    if shardings is not None:
+        out_shardings = split_trainable(shardings)[0]
+    new = jax.jit(adapters, out_shardings=out_shardings)(rng)
+    _, base = split_trainable(params)
+    return merge_trainable(new, base)
