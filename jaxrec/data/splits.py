@@ -43,6 +43,14 @@ class Split:
     def train_lengths(self, store: InteractionStore) -> np.ndarray:
         return self.train_end - store.user_offsets[:-1]
 
+    def train_mask(self, store: InteractionStore) -> np.ndarray:
+        return train_mask(store, self.train_end)
+
+
+def train_mask(store: InteractionStore, train_end: np.ndarray) -> np.ndarray:
+    """bool [n_interactions]: which events are training events under `train_end`."""
+    return np.arange(store.n_interactions) < np.repeat(np.asarray(train_end), store.lengths())
+
 
 def _examples(store: InteractionStore, users: np.ndarray, history_end: np.ndarray) -> EvalExamples:
     users = users.astype(np.int64)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxrec.data.splits import EvalExamples, Split, gap_split, leave_one_out
+from jaxrec.data.splits import EvalExamples, Split, gap_split, leave_one_out, train_mask
 from jaxrec.data.synthetic import SyntheticConfig, SyntheticWorld, synthetic_world
 from jaxrec.data.windows import popularity_counts
 
@@ -100,9 +100,9 @@ def _filter(world: SyntheticWorld, examples: EvalExamples, mix) -> np.ndarray:
 
 def markov_scores(store, train_end: np.ndarray, examples: EvalExamples) -> np.ndarray:
     """First-order transition counts among training events, plus popularity as back-off."""
-    position = np.arange(store.n_interactions) - np.repeat(store.user_offsets[:-1], store.lengths())
-    train_len = np.repeat(train_end - store.user_offsets[:-1], store.lengths())
-    nxt = np.flatnonzero((position >= 1) & (position < train_len))
+    has_previous = np.ones(store.n_interactions, dtype=bool)
+    has_previous[store.user_offsets[:-1][store.lengths() > 0]] = False
+    nxt = np.flatnonzero(has_previous & train_mask(store, train_end))
     counts = np.zeros((store.n_items + 1, store.n_items + 1))
     np.add.at(counts, (store.item_ids[nxt - 1], store.item_ids[nxt]), 1.0)
     popularity = popularity_counts(store, train_end).astype(np.float64)
@@ -126,9 +126,7 @@ def hit_ndcg(scores: np.ndarray, targets: np.ndarray, k: int = 10) -> tuple[floa
 def split_metrics(world: SyntheticWorld, split: Split, k: int = 10) -> dict:
     """{test name: {"examples": n, method: {"HR@k", "NDCG@k"}}} for one split."""
     store = world.store
-    position = np.arange(store.n_interactions) - np.repeat(store.user_offsets[:-1], store.lengths())
-    train = position < np.repeat(split.train_lengths(store), store.lengths())
-    train_mix = np.bincount(world.context[train], minlength=world.config.n_contexts)
+    train_mix = np.bincount(world.context[split.train_mask(store)], minlength=world.config.n_contexts)
     out = {}
     for name, examples in split.tests.items():
         scorers = {

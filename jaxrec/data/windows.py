@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxrec.data.splits import EvalExamples
+from jaxrec.data.splits import EvalExamples, train_mask
 from jaxrec.data.store import InteractionStore
 
 TRAIN_MODES = ("last", "chunks", "prefix")
@@ -121,6 +121,4 @@ class EvalRecords:
 
 def popularity_counts(store: InteractionStore, train_end: np.ndarray) -> np.ndarray:
     """int64 [n_items+1]: how often each item occurs among training events (index 0 stays 0)."""
-    position = np.arange(store.n_interactions) - np.repeat(store.user_offsets[:-1], store.lengths())
-    in_train = position < np.repeat(np.asarray(train_end) - store.user_offsets[:-1], store.lengths())
-    return np.bincount(store.item_ids[in_train], minlength=store.n_items + 1).astype(np.int64)
+    return np.bincount(store.item_ids[train_mask(store, train_end)], minlength=store.n_items + 1).astype(np.int64)
