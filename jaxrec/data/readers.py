@@ -37,7 +37,7 @@ def read_interactions(path: str | os.PathLike, format: str = "auto", **options) 
         from jaxrec.data.llara import read_llara_file
         return read_llara_file(path, **options)
     if path.is_dir():
-        raise DataFormatError(path, 0, f"is a directory; give the {format} file itself")
+        raise DataFormatError(path, None, f"is a directory; give the {format} file itself")
     if format in ("pairs", "sequences", "whitespace"):
         return _read_whitespace(path, format, **options)
     reader = {"movielens": read_movielens, "recbole": read_recbole}[format]
@@ -48,7 +48,7 @@ def detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "train.tsv").is_file():
             return "llara"
-        raise DataFormatError(path, 0, "cannot tell the format of this directory (only LLaRA "
+        raise DataFormatError(path, None, "cannot tell the format of this directory (only LLaRA "
                                        "directories with train.tsv are read whole); give a file")
     if path.suffix == ".inter":
         return "recbole"
@@ -215,11 +215,11 @@ def read_recbole(path, item_file: str | os.PathLike | None = "auto", user_field:
                  rating_field: str = "rating", min_rating: float | None = None) -> InteractionStore:
     """A RecBole `.inter` file (events sorted by time within each user, stable)."""
     path = Path(path)
-    rows, fields, _ = _recbole_table(path)
+    rows, fields, _, header_line = _recbole_table(path)
     for name in (user_field, item_field):
         if name not in fields:
-            raise DataFormatError(path, rows.line[0] - 1, f"header has no {name!r} field "
-                                                          f"(fields: {', '.join(fields)})")
+            raise DataFormatError(path, header_line, f"header has no {name!r} field "
+                                                     f"(fields: {', '.join(fields)})")
     user_at = rows.start + fields.index(user_field)
     item_at = rows.start + fields.index(item_field)
     _require_nonempty(rows, user_at, user_field)
@@ -233,7 +233,7 @@ def read_recbole(path, item_file: str | os.PathLike | None = "auto", user_field:
     source = f"recbole:{path.name}"
     if min_rating is not None:
         if rating_field not in fields:
-            raise DataFormatError(path, rows.line[0] - 1, f"min_rating needs a {rating_field!r} field")
+            raise DataFormatError(path, header_line, f"min_rating needs a {rating_field!r} field")
         keep = parse_numbers(rows, rows.start + fields.index(rating_field), np.float64, rating_field) >= min_rating
         user_tokens, item_tokens = user_tokens[keep], item_tokens[keep]
         timestamps = None if timestamps is None else timestamps[keep]
@@ -246,8 +246,8 @@ def read_recbole(path, item_file: str | os.PathLike | None = "auto", user_field:
     return assemble(user_idx, user_vocab, item_idx, item_vocab, timestamps, source, columns)
 
 
-def _recbole_table(path: Path) -> tuple[Rows, list[str], list[str]]:
-    """Data rows, field names and field types of a RecBole atomic file."""
+def _recbole_table(path: Path) -> tuple[Rows, list[str], list[str], int]:
+    """Data rows, field names, field types and the header's line number of a RecBole atomic file."""
     rows = split_rows(path, read_text(path), b"\t")
     header = [decode(f) for f in rows.fields[rows.start[0]:rows.start[0] + rows.count[0]]]
     names, kinds = [], []
@@ -262,7 +262,7 @@ def _recbole_table(path: Path) -> tuple[Rows, list[str], list[str]]:
     if len(data) == 0:
         raise DataFormatError(path, rows.line[0] + 1, "no data rows after the header")
     data.require_counts((len(names),), f"{len(names)} tab-separated fields like the header")
-    return data, names, kinds
+    return data, names, kinds, int(rows.line[0])
 
 
 def _require_nonempty(rows: Rows, fields_at: np.ndarray, what: str) -> None:
@@ -276,9 +276,9 @@ def _recbole_items(path: Path, item_vocab: np.ndarray, item_field: str) -> dict[
     """`.item` columns: floats as float64 (NaN when empty), everything else as text."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    rows, fields, kinds = _recbole_table(path)
+    rows, fields, kinds, header_line = _recbole_table(path)
     if item_field not in fields:
-        raise DataFormatError(path, rows.line[0] - 1, f"header has no {item_field!r} field")
+        raise DataFormatError(path, header_line, f"header has no {item_field!r} field")
     key_at = rows.start + fields.index(item_field)
     _check_unique(rows, key_at, item_field)
     columns = {}

@@ -19,11 +19,11 @@ _POWERS_OF_TEN = 10 ** np.arange(19, dtype=np.int64)
 
 
 class DataFormatError(ValueError):
-    """Malformed input; the message is `<file>:<line>: <reason>`."""
+    """Malformed input; the message is `<file>:<line>: <reason>` (`<path>: <reason>` without a line)."""
 
-    def __init__(self, path: str | os.PathLike, line: int, reason: str):
-        self.path, self.line, self.reason = str(path), int(line), reason
-        super().__init__(f"{self.path}:{self.line}: {reason}")
+    def __init__(self, path: str | os.PathLike, line: int | None, reason: str):
+        self.path, self.line, self.reason = str(path), None if line is None else int(line), reason
+        super().__init__(f"{self.path}:{self.line}: {reason}" if line is not None else f"{self.path}: {reason}")
 
 
 def read_text(path: str | os.PathLike) -> bytes:

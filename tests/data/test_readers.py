@@ -85,6 +85,11 @@ def test_integer_ids_demanded(tmp_path):
         read_interactions(path, format="pairs", ids="int")
 
 
+def test_directory_that_is_no_data_set(tmp_path):
+    with pytest.raises(DataFormatError, match=f"^{tmp_path}: cannot tell the format"):
+        read_interactions(tmp_path)
+
+
 def test_missing_file_and_unknown_format(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_interactions(tmp_path / "nope.txt")
@@ -148,6 +153,7 @@ def test_recbole_inter_and_item(tmp_path):
 @pytest.mark.parametrize("content, line, reason", [
     ("user_id\titem_id:token\n1\t2\n", 1, "needs a type suffix"),
     ("user_id:token\titem:token\n1\t2\n", 1, "header has no 'item_id' field"),
+    ("\nuser_id:token\titem:token\n\n1\t2\n", 2, "header has no 'item_id' field"),
     ("user_id:token\titem_id:token\n1\t2\n1\t2\t3\n", 3, "expected 2 tab-separated fields"),
     ("user_id:token\titem_id:token\n1\t2\n\t2\n", 3, "empty user_id"),
     ("user_id:token\titem_id:token\ttimestamp:float\n1\t2\t5\n1\t2\tlater\n", 3, "bad timestamp 'later'"),
