@@ -74,10 +74,28 @@ def make_mesh(sizes: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
     """NamedShardings for a tree whose leaves may be `nn.LogicallyPartitioned` boxes.
 
-    Unboxed leaves (plain arrays, optimizer counters) are replicated.
+    Unboxed leaves (plain arrays, optimizer counters) are replicated. A dimension that
+    the mesh axes would not split evenly (e.g. an item table of n_items + 1 rows over 2
+    tensor shards) stays whole instead: jit cannot lay out uneven shards, and the
+    dimension is rarely large enough for the difference to matter.
     """
     specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+    shapes = nn.unbox(abstract_tree)
+    return jax.tree.map(lambda s, a: _even(s, getattr(a, "shape", ()), mesh), shardings, shapes,
+                        is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def _even(sharding: NamedSharding, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    changed = False
+    for dim, axes in enumerate(spec[:len(shape)]):
+        if axes is None:
+            continue
+        names = (axes,) if isinstance(axes, str) else tuple(axes)
+        if shape[dim] % math.prod(mesh.shape[n] for n in names):
+            spec[dim], changed = None, True
+    return NamedSharding(mesh, P(*spec[:len(shape)])) if changed else sharding
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:

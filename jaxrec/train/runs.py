@@ -7,20 +7,33 @@ source, split and model are rebuilt exactly) and the train state, restored onto 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 
 from jaxrec.config import ConfigError, apply_overrides, build_config
+from jaxrec.train import mesh as mesh_lib
 from jaxrec.train.checkpoint import CheckpointNotFound, RunCheckpoints, find_run_checkpoints
 from jaxrec.train.evaluation import Evaluator
 from jaxrec.train.state import schedule, unboxed_abstract, with_clipping
 from jaxrec.train.trainer import Session, format_report
 
+log = logging.getLogger("jaxrec")
+
 # Overrides that change how a checkpoint is *read* are fine; ones that change what was
 # trained would silently evaluate a different model.
 _EVALUATE_OVERRIDABLE = ("eval.", "mesh.", "data.num_threads", "data.prefetch", "run.dir")
+
+
+def _mesh_fits(mesh: dict) -> bool:
+    sizes = [mesh.get(axis, default) for axis, default in (("data", -1), ("fsdp", 1), ("tensor", 1))]
+    try:
+        mesh_lib.resolve_mesh_shape(sizes, jax.device_count())
+        return True
+    except mesh_lib.MeshError:
+        return False
 
 
 def open_run(run_dir: str | Path, step: str = "best", overrides: Sequence[str] = ()):
@@ -47,6 +60,10 @@ def open_run(run_dir: str | Path, step: str = "best", overrides: Sequence[str] =
             raise ConfigError(f"command line: {text.split('=')[0]}: cannot be changed when evaluating a checkpoint "
                               f"(allowed: {', '.join(_EVALUATE_OVERRIDABLE)})")
     apply_overrides(raw, overrides)
+    if not any(o.startswith("mesh.") for o in overrides) and not _mesh_fits(raw.get("mesh", {})):
+        log.info("the run's mesh %s does not fit the %d devices here; evaluating data-parallel instead",
+                 raw.get("mesh"), jax.device_count())
+        raw["mesh"] = {**raw.get("mesh", {}), "data": -1, "fsdp": 1, "tensor": 1}
     config = build_config(raw, f"{run_dir}/checkpoints/{chosen}/config", {o.split('=')[0]: "cli" for o in overrides})
     session = Session(config)
     tx = with_clipping(session.task.optimizer(schedule(config.train, max(config.train.steps, 1))),

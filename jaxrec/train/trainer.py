@@ -127,8 +127,11 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
     sched = schedule(cfg.train, n_steps)
     tx = with_clipping(task.optimizer(sched), cfg.train.grad_clip)
     make_state, boxed, state_shardings = session.state_layout(tx)
-    data_iter = pipeline.train_stream(records, cfg.train.batch_size, cfg.run.seed, task.train_transform(),
-                                      cfg.data.num_threads, cfg.data.prefetch)
+    try:
+        data_iter = pipeline.train_stream(records, cfg.train.batch_size, cfg.run.seed, task.train_transform(),
+                                          cfg.data.num_threads, cfg.data.prefetch)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: train.batch_size: {e}") from None
 
     ckpts = RunCheckpoints(run_dir, keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
                            async_save=cfg.checkpoint.async_save, metric=cfg.eval.metric)

@@ -1,0 +1,97 @@
+"""A self-contained SASRec/GRU4Rec artifact: weights, architecture and item vocabulary.
+
+    out/model.safetensors   parameters, flattened with "/" between module names
+    out/model.json          architecture (enough to rebuild the module) + provenance
+    out/items.json          original item token of each item index (index 0 = padding)
+
+`Recommender.load(out)` needs only these files (no checkpoint, no data, no config).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors.numpy import load_file, save_file
+
+import jaxrec
+from jaxrec.eval.ranking import top_k
+from jaxrec.models.encoder import build_sequence_model
+
+FORMAT = "jaxrec.seqrec/1"
+
+
+def export_seqrec(task, params, out_dir: Path) -> list[str]:
+    out_dir = Path(out_dir)
+    flat = {"/".join(k): np.asarray(jax.device_get(v), np.float32)
+            for k, v in flatten_dict(nn.unbox(params)).items()}
+    m, d = task.config.model, task.config.data
+    spec = {"format": FORMAT, "jaxrec_version": jaxrec.__version__, "backbone": m.backbone,
+            "n_items": int(task.store.n_items), "max_len": d.max_len, "hidden": m.hidden, "layers": m.layers,
+            "heads": m.heads, "inner": m.inner or None, "data_source": task.store.source,
+            "model_config": dataclasses.asdict(m)}
+    paths = [out_dir / "model.safetensors", out_dir / "model.json", out_dir / "items.json"]
+    if jax.process_index() == 0:
+        save_file(flat, str(paths[0]), metadata={"format": FORMAT})
+        paths[1].write_text(json.dumps(spec, indent=2), encoding="utf-8")
+        paths[2].write_text(json.dumps(task.store.item_vocab.tolist()), encoding="utf-8")
+    return [str(p) for p in paths]
+
+
+class Recommender:
+    """Top-k next items for raw histories of original item tokens."""
+
+    def __init__(self, spec: dict, params, items: list[str]):
+        self.spec, self.params, self.items = spec, params, items
+        self.index = {token: i for i, token in enumerate(items) if i > 0}
+        self.model = build_sequence_model(spec["backbone"], spec["n_items"], spec["max_len"], hidden=spec["hidden"],
+                                          n_layers=spec["layers"], n_heads=spec["heads"], inner=spec["inner"],
+                                          dropout=0.0)
+        self._encode = jax.jit(lambda p, x: self.model.apply({"params": p}, x, deterministic=True, last_only=True))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Recommender":
+        directory = Path(directory)
+        for name in ("model.safetensors", "model.json", "items.json"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name}: missing (not a jaxrec seqrec export?)")
+        spec = json.loads((directory / "model.json").read_text(encoding="utf-8"))
+        if spec.get("format") != FORMAT:
+            raise ValueError(f"{directory / 'model.json'}: format {spec.get('format')!r}, expected {FORMAT!r}")
+        flat = load_file(str(directory / "model.safetensors"))
+        params = unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
+        items = json.loads((directory / "items.json").read_text(encoding="utf-8"))
+        return cls(spec, params, items)
+
+    def encode(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
+        """Left-padded id matrix [n, width] of whole histories (width >= max_len)."""
+        ids = []
+        for row, history in enumerate(histories):
+            unknown = [t for t in history if t not in self.index]
+            if unknown:
+                raise KeyError(f"history {row}: unknown item token(s) {unknown[:3]}")
+            ids.append([self.index[t] for t in history])
+        width = max([self.spec["max_len"]] + [len(r) for r in ids])
+        out = np.zeros((len(histories), width), np.int32)
+        for row, r in enumerate(ids):
+            if r:
+                out[row, width - len(r):] = r
+        return out
+
+    def recommend(self, histories: Sequence[Sequence[str]], k: int = 10,
+                  exclude_history: bool = True) -> list[list[tuple[str, float]]]:
+        """The k best items after each history (original tokens, scores); seen items
+        are skipped unless `exclude_history=False`."""
+        full = self.encode(histories)
+        inputs = jnp.asarray(full[:, -self.spec["max_len"]:])
+        query = self._encode(self.params, inputs).astype(jnp.float32)
+        exclude = jnp.asarray(full) if exclude_history else None
+        scores, ids = top_k(query, self.params["item_embedding"].astype(jnp.float32), k, exclude)
+        scores, ids = np.asarray(scores), np.asarray(ids)
+        return [[(self.items[i], float(s)) for s, i in zip(srow, irow) if i > 0] for srow, irow in zip(scores, ids)]

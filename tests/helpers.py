@@ -1,0 +1,50 @@
+"""Shared test utilities: tiny run configs and running the CLI in a fresh process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_RUN = {
+    "task": "seqrec",
+    "data": {"source": "synthetic", "synthetic": "tiny", "max_len": 20},
+    "model": {"hidden": 16, "layers": 1, "dropout": 0.1},
+    "train": {"batch_size": 32, "steps": 60, "lr": 0.01, "warmup_steps": 5, "eval_every": 20, "log_every": 5,
+              "progress": False},
+    "eval": {"ks": [5, 10], "batch_size": 64},
+    "checkpoint": {"every": 10, "keep": 3},
+}
+
+
+def write_config(path: Path, run_dir: Path, **sections) -> Path:
+    data = json.loads(json.dumps(TINY_RUN))
+    data["run"] = {"dir": str(run_dir)}
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cli_env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(args: list[str], devices: int = 1, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jaxrec.cli", *args], env=cli_env(devices), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "results.json").read_text())

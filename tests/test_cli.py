@@ -1,0 +1,93 @@
+"""End-to-end: every entry point on a tiny config, including restore onto fewer devices."""
+import json
+
+import numpy as np
+import pytest
+
+from jaxrec.cli import main
+from jaxrec.export.seqrec import Recommender
+from jaxrec.train.reporting import read_metrics
+from tests.helpers import results, run_cli, write_config
+
+
+@pytest.fixture(scope="module")
+def trained_on_8(tmp_path_factory):
+    """A run trained on a 2x2x2 mesh of 8 simulated devices."""
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = write_config(tmp / "tiny.yaml", tmp / "run", mesh={"data": 2, "fsdp": 2, "tensor": 2})
+    assert main(["train", str(cfg)]) == 0
+    return tmp / "run"
+
+
+def test_train_writes_metrics_config_checkpoints_and_beats_popularity(trained_on_8):
+    run = trained_on_8
+    assert (run / "config.yaml").is_file() and list((run / "tensorboard").iterdir())
+    kinds = [r["kind"] for r in read_metrics(run)]
+    assert kinds.count("valid") == 3 and "train" in kinds and "test" in kinds
+    report = results(run)
+    ndcg = report["tests"]["test"]["ndcg@10"]
+    assert ndcg > 1.5 * report["baselines"]["popularity"]["test"]["ndcg@10"]
+    assert "full ranking over all 60 items" in report["protocols"]["test"]
+
+
+def test_evaluate_on_one_device_matches_training_report(trained_on_8):
+    out = run_cli(["evaluate", str(trained_on_8)], devices=1)
+    assert out.returncode == 0, out.stderr
+    assert "full ranking over all 60 items" in out.stdout and "popularity" in out.stdout
+    saved = json.loads(next(trained_on_8.glob("evaluate-step*.json")).read_text())
+    expected = results(trained_on_8)["tests"]["test"]
+    assert saved["results"]["test"]["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-5)
+
+
+def test_sampled_protocol_is_labelled_and_seeded(trained_on_8, capsys):
+    args = ["evaluate", str(trained_on_8), "eval.candidates=sampled:20", "eval.exclude_history=true"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "target + 20 negatives" in first and "seed 1234" in first
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_export_loads_without_checkpoint_and_recommends(trained_on_8, tmp_path):
+    assert main(["export", str(trained_on_8), str(tmp_path / "export")]) == 0
+    rec = Recommender.load(tmp_path / "export")
+    history = [rec.items[i] for i in (1, 2, 3)]
+    top = rec.recommend([history], k=5)[0]
+    assert len(top) == 5 and not set(history) & {t for t, _ in top}
+    scores = [s for _, s in top]
+    assert scores == sorted(scores, reverse=True)
+    ids = rec.encode([history])[:, -rec.spec["max_len"]:]
+    query = np.asarray(rec._encode(rec.params, ids))[0]
+    table = np.asarray(rec.params["item_embedding"])
+    brute = table @ query
+    brute[[0, 1, 2, 3]] = -np.inf
+    assert [rec.items[i] for i in np.argsort(-brute, kind="stable")[:5]] == [t for t, _ in top]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "missing.yaml"], "missing.yaml: config file not found"),
+    (["train", "{cfg}", "train.lrr=1"], "train.lrr: unknown key"),
+    (["train", "{cfg}", "mesh.data=3"], "mesh: mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices"),
+    (["train", "{cfg}", "data.source=nowhere.txt"], "data.source: nowhere.txt does not exist"),
+    (["evaluate", "{tmp}"], "no checkpoints found"),
+])
+def test_user_errors_are_one_line_without_traceback(tmp_path, capsys, args, message):
+    cfg = write_config(tmp_path / "tiny.yaml", tmp_path / "run")
+    args = [a.format(cfg=cfg, tmp=tmp_path) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_malformed_data_file_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 1\n1 2\n1\n")
+    cfg = write_config(tmp_path / "tiny.yaml", tmp_path / "run", data={"source": str(bad), "format": "pairs"})
+    assert main(["train", str(cfg)]) == 2
+    assert f"{bad}:3" in capsys.readouterr().err
+
+
+def test_data_stats(capsys):
+    assert main(["data", "stats", "synthetic"]) == 0
+    out = capsys.readouterr().out
+    assert "2,000" in out or "2000" in out
