@@ -13,6 +13,14 @@ def write(tmp_path, name, text, encoding="utf-8"):
     return path
 
 
+def assert_format_error(read, error_file, line, reason):
+    """`read()` raises DataFormatError naming `error_file`, `line` and `reason`."""
+    with pytest.raises(DataFormatError) as e:
+        read()
+    assert str(e.value).startswith(f"{error_file}:{line}: ") and reason in str(e.value)
+    assert (e.value.path, e.value.line) == (str(error_file), line)
+
+
 def items_of(store, u):
     return [store.item_vocab[i] for i in store.sequence(u)]
 
@@ -67,10 +75,7 @@ def test_auto_detects_pairs_and_sequences(tmp_path):
 ])
 def test_malformed_whitespace_files(tmp_path, name, content, fmt, line, reason):
     path = write(tmp_path, name, content)
-    with pytest.raises(DataFormatError) as e:
-        read_interactions(path, format=fmt)
-    assert str(e.value).startswith(f"{path}:{line}: ") and reason in str(e.value)
-    assert e.value.line == line
+    assert_format_error(lambda: read_interactions(path, format=fmt), path, line, reason)
 
 
 def test_non_utf8_names_line_and_column(tmp_path):
@@ -129,9 +134,7 @@ def test_movielens_latin1_titles_and_min_rating(tmp_path):
 ])
 def test_malformed_movielens(tmp_path, content, line, reason):
     path = write(tmp_path, "ratings.dat", content)
-    with pytest.raises(DataFormatError) as e:
-        read_interactions(path)
-    assert str(e.value).startswith(f"{path}:{line}: ") and reason in str(e.value)
+    assert_format_error(lambda: read_interactions(path), path, line, reason)
 
 
 # --- RecBole --------------------------------------------------------------------------------
@@ -161,9 +164,7 @@ def test_recbole_inter_and_item(tmp_path):
 ])
 def test_malformed_recbole(tmp_path, content, line, reason):
     path = write(tmp_path, "bad.inter", content)
-    with pytest.raises(DataFormatError) as e:
-        read_interactions(path)
-    assert str(e.value).startswith(f"{path}:{line}: ") and reason in str(e.value)
+    assert_format_error(lambda: read_interactions(path), path, line, reason)
 
 
 # --- LLaRA ----------------------------------------------------------------------------------
@@ -205,9 +206,7 @@ def test_llara_without_names_uses_ids_seen(tmp_path):
 ])
 def test_malformed_llara(tmp_path, train, line, reason):
     _llara_dir(tmp_path, train=train)
-    with pytest.raises(DataFormatError) as e:
-        read_llara(tmp_path)
-    assert str(e.value).startswith(f"{tmp_path / 'train.tsv'}:{line}: ") and reason in str(e.value)
+    assert_format_error(lambda: read_llara(tmp_path), tmp_path / "train.tsv", line, reason)
 
 
 @pytest.mark.parametrize("raw, clean", [
