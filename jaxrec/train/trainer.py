@@ -222,7 +222,7 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
                 step += 1
                 window_steps += 1
                 progress.update(1)
-                at_eval = cfg.train.eval_every and step % cfg.train.eval_every == 0
+                at_eval = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == n_steps
                 at_save = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
                 at_log = step % cfg.train.log_every == 0
                 if at_log or at_eval or at_save or step == n_steps or stop_requested["signal"]:
@@ -263,14 +263,6 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
                 ckpts.wait()
                 return TrainResult(run_dir, step, meta["best_step"], meta["last_valid"], {}, {}, {},
                                    time.time() - started)
-            final_eval_needed = not cfg.train.eval_every or step % cfg.train.eval_every != 0
-            if final_eval_needed and step > start_step:
-                values = evaluate_valid(state, step)
-                current = values.get(cfg.eval.metric)
-                if current is not None and (meta["best_metric"] is None or current > meta["best_metric"]):
-                    meta.update(best_step=step, best_metric=current)
-                meta["last_valid"] = values
-                save(state, step, metrics=_scalars(values))
             ckpts.wait()
     finally:
         progress.close()
