@@ -1,0 +1,199 @@
+"""Next-item training losses over a tied item table.
+
+Every loss is a pure function
+
+    loss_fn(h [..., H], table [V, H], targets [...] int, weights [...] | None, rng) -> (loss, metrics)
+
+with table row 0 the pad item (never a class), items 1..V-1, targets 0 meaning "no
+target here" and `weights` defaulting to (targets > 0). `loss` is the weighted mean,
+sum(w * l) / sum(w); `metrics` = {"loss": loss, "weight": sum(w)} so callers can
+combine micro-batches exactly. `make_loss(name, **options)` picks one by config string.
+
+- "ce": full softmax cross-entropy over items 1..V-1 (the pad column is not a class).
+  A custom VJP computes the gradient during the forward pass (softmax minus the
+  target, without a one-hot), so the [N, V] logits are never kept for the backward
+  pass; `chunk` rows at a time bounds the transient [chunk, V] block too.
+- "sampled_softmax": n uniform negatives (with replacement) shared by the whole batch,
+  logQ-corrected, accidental hits of the positive masked.
+- "bce": SASRec's loss, one uniform negative per position, negative != positive. The
+  user's history is NOT excluded (SASRec.pytorch and CaseQ exclude it in their data
+  sampler); pass `negatives=` to supply your own.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Metrics = dict[str, jax.Array]
+LossFn = Callable[..., tuple[jax.Array, Metrics]]
+
+
+def _flatten(h, targets, weights):
+    if h.shape[:-1] != targets.shape:
+        raise ValueError(f"h {h.shape} and targets {targets.shape} disagree on the leading axes")
+    if weights is None:
+        weights = targets > 0
+    elif weights.shape != targets.shape:
+        raise ValueError(f"weights {weights.shape} must have the targets' shape {targets.shape}")
+    return h.reshape(-1, h.shape[-1]), targets.reshape(-1), weights.reshape(-1).astype(jnp.float32)
+
+
+def _finish(total, weight):
+    loss = total / jnp.maximum(weight, 1e-9)
+    return loss, {"loss": loss, "weight": weight}
+
+
+# ---------------------------------------------------------------------------------
+# Full softmax cross-entropy
+# ---------------------------------------------------------------------------------
+
+def _ce_block(h, items, t, w, want_grad):
+    """Per-row CE (unweighted) of a block of rows, and optionally the gradient of
+    sum(w * ce) w.r.t. h and items; items = table[1:], t 0-based target columns."""
+    logits = jnp.dot(h, items.T, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    ce = lse - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+    if not want_grad:
+        return ce, None, None
+    # d/dlogits = w * (softmax - onehot(t)); the one-hot part is a gather/scatter.
+    p = (jnp.exp(logits - lse[:, None]) * w[:, None]).astype(h.dtype)
+    w_h = (w[:, None] * h.astype(jnp.float32))
+    d_h = jnp.dot(p, items, preferred_element_type=jnp.float32) - w[:, None] * items[t].astype(jnp.float32)
+    d_items = jnp.dot(p.T, h, preferred_element_type=jnp.float32).at[t].add(-w_h)
+    return ce, d_h, d_items
+
+
+def _ce_rows(h, items, t, w, chunk, want_grad):
+    n, dim = h.shape
+    if chunk is None or chunk >= n:
+        return _ce_block(h, items, t, w, want_grad)
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, dim)
+    ts = jnp.pad(t, (0, pad)).reshape(n_chunks, chunk)
+    ws = jnp.pad(w, (0, pad)).reshape(n_chunks, chunk)
+
+    def body(d_items, block):
+        h_c, t_c, w_c = block
+        ce, d_h, d_i = _ce_block(h_c, items, t_c, w_c, want_grad)
+        return (d_items + d_i if want_grad else d_items), (ce, d_h)
+
+    init = jnp.zeros(items.shape, jnp.float32) if want_grad else jnp.zeros(())
+    d_items, (ce, d_h) = lax.scan(body, init, (hs, ts, ws))
+    ce = ce.reshape(-1)[:n]
+    if not want_grad:
+        return ce, None, None
+    return ce, d_h.reshape(-1, dim)[:n], d_items
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ce_sum(h, items, t, w, chunk):
+    """sum_i w_i * CE_i. Its VJP is computed in the forward pass (see module doc)."""
+    return jnp.sum(w * _ce_rows(h, items, t, w, chunk, want_grad=False)[0])
+
+
+def _ce_sum_fwd(h, items, t, w, chunk):
+    ce, d_h, d_items = _ce_rows(h, items, t, w, chunk, want_grad=True)
+    return jnp.sum(w * ce), (d_h.astype(h.dtype), d_items.astype(items.dtype), ce, t)
+
+
+def _ce_sum_bwd(chunk, res, g):
+    d_h, d_items, ce, t = res
+    return (g.astype(d_h.dtype) * d_h, g.astype(d_items.dtype) * d_items,
+            jnp.zeros(t.shape, jax.dtypes.float0), g * ce)
+
+
+_ce_sum.defvjp(_ce_sum_fwd, _ce_sum_bwd)
+
+
+def softmax_cross_entropy(h, table, targets, weights=None, rng=None, *, chunk: int | None = None):
+    """Full-catalogue softmax CE; `chunk` rows per block (None: all rows at once)."""
+    del rng
+    h, targets, weights = _flatten(h, targets, weights)
+    items = table[1:].astype(h.dtype)
+    t = jnp.clip(targets - 1, 0, items.shape[0] - 1)
+    weights = jnp.where(targets > 0, weights, 0.0)
+    total = _ce_sum(h, items, t, weights, chunk)
+    return _finish(total, jnp.sum(weights))
+
+
+# ---------------------------------------------------------------------------------
+# Sampled softmax
+# ---------------------------------------------------------------------------------
+
+def sampled_softmax(h, table, targets, weights=None, rng=None, *, n_negatives: int = 100):
+    """Softmax over {target} + n shared uniform negatives, with the logQ correction.
+
+    Each logit s_i is corrected to s_i - log Q(i), Q(i) = n / n_items the expected
+    count of item i in the sample. Under the uniform proposal Q is the same for every
+    item, so the correction shifts all logits equally and cancels in the softmax; it
+    is written out so a non-uniform proposal only has to change Q. A negative equal to
+    a row's target (an accidental hit) is removed from that row's softmax.
+    """
+    if rng is None:
+        raise ValueError("sampled_softmax needs an rng to draw its negatives")
+    h, targets, weights = _flatten(h, targets, weights)
+    n_items = table.shape[0] - 1
+    negatives = jax.random.randint(rng, (n_negatives,), 1, n_items + 1)
+    table = table.astype(h.dtype)
+    log_q = jnp.log(n_negatives / n_items)
+    s_pos = jnp.einsum("nh,nh->n", h, table[targets], preferred_element_type=jnp.float32) - log_q
+    s_neg = jnp.dot(h, table[negatives].T, preferred_element_type=jnp.float32) - log_q
+    s_neg = jnp.where(negatives[None, :] == targets[:, None], -jnp.inf, s_neg)
+    lse = jnp.logaddexp(s_pos, jax.nn.logsumexp(s_neg, axis=-1))
+    weights = jnp.where(targets > 0, weights, 0.0)
+    return _finish(jnp.sum(weights * (lse - s_pos)), jnp.sum(weights))
+
+
+# ---------------------------------------------------------------------------------
+# SASRec's binary cross-entropy
+# ---------------------------------------------------------------------------------
+
+def sasrec_bce(h, table, targets, weights=None, rng=None, *, negatives=None):
+    """mean_valid[ -log sigmoid(s_pos) ] + mean_valid[ -log(1 - sigmoid(s_neg)) ].
+
+    One negative per position, uniform over items != target (history not excluded),
+    unless `negatives` [...] (targets' shape) is given.
+    """
+    shape = targets.shape
+    h, targets, weights = _flatten(h, targets, weights)
+    n_items = table.shape[0] - 1
+    if negatives is None:
+        if rng is None:
+            raise ValueError("sasrec_bce needs an rng (or explicit negatives)")
+        # Uniform over {1..n} minus the target: draw from n-1 values and skip it.
+        r = jax.random.randint(rng, targets.shape, 1, n_items)
+        negatives = r + (r >= targets).astype(r.dtype)
+    elif negatives.shape != shape:
+        raise ValueError(f"negatives {negatives.shape} must have the targets' shape {shape}")
+    negatives = negatives.reshape(-1)
+    table = table.astype(h.dtype)
+    s_pos = jnp.einsum("nh,nh->n", h, table[targets], preferred_element_type=jnp.float32)
+    s_neg = jnp.einsum("nh,nh->n", h, table[negatives], preferred_element_type=jnp.float32)
+    rows = jax.nn.softplus(-s_pos) + jax.nn.softplus(s_neg)
+    weights = jnp.where(targets > 0, weights, 0.0)
+    return _finish(jnp.sum(weights * rows), jnp.sum(weights))
+
+
+LOSSES: dict[str, LossFn] = {
+    "ce": softmax_cross_entropy,
+    "sampled_softmax": sampled_softmax,
+    "bce": sasrec_bce,
+}
+
+
+def make_loss(name: str, **options: Any) -> LossFn:
+    """The loss called `name` with its keyword options bound (unknown ones rejected)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    fn = LOSSES[name]
+    allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    for key in options:
+        if key not in allowed:
+            raise ValueError(f"loss {name!r} has no option {key!r}; options: {allowed}")
+    return functools.partial(fn, **options) if options else fn
