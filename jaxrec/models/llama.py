@@ -409,7 +409,8 @@ def fit_sharding(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedShardi
 
 def init_params(model: Llama, rng: jax.Array) -> Any:
     """Random parameters (unboxed), e.g. for tests; real weights come from jaxrec.weights."""
-    return nn.unbox(model.init(rng, **_dummy_call_kwargs(model.config))["params"])
+    kwargs = _dummy_call_kwargs(model.config)
+    return nn.unbox(jax.jit(lambda key: model.init(key, **kwargs)["params"])(rng))
 
 
 def init_adapters(model: Llama, params: Any, rng: jax.Array, shardings: Any = None) -> Any:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from functools import partial
 from typing import Any, Iterable
 
 import flax.linen as nn
@@ -162,6 +163,7 @@ def count_params(tree: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(tree))))
 
 
+@partial(jax.jit, static_argnames=("lora",))
 def merge_lora(params: Any, lora: LoraConfig, gate: Any | None = None) -> dict:
     """Fold every adapter into its kernel and drop the adapter leaves (for export).
 

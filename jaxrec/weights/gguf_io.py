@@ -105,7 +105,11 @@ class GGUFCheckpoint:
             if len(set(kv_heads)) != 1:
                 raise UnsupportedModelError(f"{self.path}: per-layer kv head counts {kv_heads} are not supported")
             kv_heads = kv_heads[0]
-        vocab = self._field(f"{a}.vocab_size") or len(self._field("tokenizer.ggml.tokens", []))
+        vocab = self._field(f"{a}.vocab_size")
+        if not vocab and "token_embd.weight" in self._tensors:
+            vocab = int(self._tensors["token_embd.weight"].shape[-1])   # ggml order: [embed, vocab]
+        if not vocab:
+            raise CheckpointFormatError(f"{self.path}: no {a}.vocab_size and no token_embd.weight tensor")
         rope: dict[str, Any] = {"rope_theta": float(self._field(f"{a}.rope.freq_base", 10000.0)), "rope_type": "default"}
         kind = self._field(f"{a}.rope.scaling.type")
         if kind in ("linear", "yarn"):
