@@ -49,6 +49,7 @@ class TrainResult:
     protocols: dict[str, str]
     seconds: float
     stopped_early: bool = False
+    train_seconds: float = 0.0     # time in training steps only (evaluations excluded)
 
 
 def build_mesh(config: Config):
@@ -135,7 +136,11 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
 
     ckpts = RunCheckpoints(run_dir, keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
                            async_save=cfg.checkpoint.async_save, metric=cfg.eval.metric)
-    meta = {"best_step": None, "best_metric": None, "bad_evals": 0, "last_valid": {}, "stopped_early": False}
+    meta = {"best_step": None, "best_metric": None, "bad_evals": 0, "last_valid": {}, "stopped_early": False,
+            "train_seconds": 0.0}
+    if not cfg.checkpoint.resume and ckpts.steps():
+        raise ConfigError(f"{cfg.source}: checkpoint.resume: false, but {ckpts.directory} already holds "
+                          f"checkpoints {ckpts.steps()}; choose another run.dir or remove them")
     restored = ckpts.restore_latest(unboxed_abstract(boxed, state_shardings), data_iter) \
         if cfg.checkpoint.resume else None
     with jax.set_mesh(mesh):
@@ -172,13 +177,19 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
 
     valid_sets = task.eval_sets("valid")
 
+    test_sets = task.eval_sets("test") if cfg.eval.track_test else []
+
     def evaluate_valid(state, step):
         values = {}
         for eval_set in valid_sets:
             result = task.evaluate(eval_set, state.params, frozen, state.model_state, evaluator)
             values.update(result if len(valid_sets) == 1 else
                           {f"{eval_set.name}/{k}": v for k, v in result.items()})
-        writer.write("valid", step, values)
+        writer.write("valid", step, {**values, "train_seconds": round(meta["train_seconds"], 3)})
+        for eval_set in test_sets:   # learning curves only; selection never looks at them
+            result = task.evaluate(eval_set, state.params, frozen, state.model_state, evaluator)
+            writer.write("test_curve", step, {"split": eval_set.name, **result,
+                                              "train_seconds": round(meta["train_seconds"], 3)})
         return values
 
     def save(state, step, metrics=None):
@@ -202,6 +213,7 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
     window_start, window_steps, last_loss = time.time(), 0, float("nan")
     stopped_early = bool(meta.get("stopped_early"))
     step = start_step
+    mark = time.time()          # training time excludes evaluation, so curves compare across eval schedules
     try:
         with jax.set_mesh(mesh):
             while step < n_steps and not stopped_early:
@@ -235,6 +247,8 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
                         writer.write("throughput", step, {"samples_per_s": rate})
                         window_start, window_steps = time.time(), 0
                 if at_eval:
+                    jax.block_until_ready(state)
+                    meta["train_seconds"] += time.time() - mark
                     values = evaluate_valid(state, step)
                     current = values.get(cfg.eval.metric)
                     if current is not None and (meta["best_metric"] is None or current > meta["best_metric"]):
@@ -252,6 +266,8 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
                     save(state, step, metrics=_scalars(values))
                 elif at_save:
                     save(state, step)
+                if at_eval:
+                    mark = time.time()
                 if stop_requested["signal"]:
                     save(state, step)
                     ckpts.wait()
@@ -279,7 +295,8 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
     writer.close()
     result = dataclasses.replace(result, run_dir=run_dir, steps=step, valid=meta["last_valid"]
                                  if best_step is None else _best_valid(run_dir, best_step, meta),
-                                 seconds=time.time() - started, stopped_early=stopped_early)
+                                 seconds=time.time() - started, stopped_early=stopped_early,
+                                 train_seconds=meta["train_seconds"])
     if is_main:
         (run_dir / "results.json").write_text(json.dumps(dataclasses.asdict(result), indent=2, default=str))
     return result
