@@ -370,6 +370,12 @@ def forward(model: Llama, params: Any, input_ids: jax.Array | None = None, atten
                        lora_gates=lora_gates, return_hidden=return_hidden, deterministic=deterministic, rngs=rngs)
 
 
+def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Mean of the hidden states [B,T,d] over real tokens → [B,d] (e.g. item-text embeddings)."""
+    m = attention_mask.astype(hidden.dtype)[..., None]
+    return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1)
+
+
 def _dummy_call_kwargs(config: LlamaConfig) -> dict:
     kw = {"input_ids": jnp.zeros((1, 1), jnp.int32)}
     if config.lora is not None and config.lora.num_experts > 1:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxrec.models.generate import greedy_generate
-from jaxrec.models.llama import Llama, forward
+from jaxrec.models.llama import Llama, forward, mean_pool
 from jaxrec.weights import load_pretrained
 from tests.models import llm_fixtures as fx
 
@@ -58,6 +58,8 @@ def test_logits_and_hidden_states_match_transformers_on_padded_batch(pair, side)
     real = mask.astype(bool)
     assert np.abs(np.asarray(out.logits)[real] - want[real]).max() < 1e-4
     assert np.abs(np.asarray(out.hidden)[real] - want_hidden[real]).max() < 1e-4
+    pooled = (want_hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    np.testing.assert_allclose(mean_pool(out.hidden, jnp.asarray(mask)), pooled, atol=1e-4)
     assert np.abs(want[real]).std() > 1.0   # the checks above are not vacuous
 
 
