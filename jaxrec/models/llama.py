@@ -21,57 +21,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxrec.models.llama_attention import KVCache, allowed_keys, apply_rope, attend  # noqa: F401 (KVCache re-export)
 from jaxrec.models.llama_config import LlamaConfig, UnsupportedModelError  # noqa: F401  (re-export)
 from jaxrec.models.lora import LoRADense, merge_trainable, split_trainable
-
-_NEG = float(np.finfo(np.float32).min)
-
-
-class KVCache(struct.PyTreeNode):
-    """Keys/values of all layers for `batch` rows and `max_length` slots.
-
-    k, v: [layers, batch, max_length, kv_heads, head_dim]; valid: [batch, max_length]
-    (slot holds a real token); positions: [batch, max_length] (its rotary position);
-    index: the next free slot (same for every row; padding is handled by `valid`).
-    """
-
-    k: jax.Array
-    v: jax.Array
-    valid: jax.Array
-    positions: jax.Array
-    index: jax.Array
-
-    @classmethod
-    def create(cls, config: LlamaConfig, batch: int, max_length: int) -> "KVCache":
-        shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
-        return cls(k=jnp.zeros(shape, config.dtype), v=jnp.zeros(shape, config.dtype),
-                   valid=jnp.zeros((batch, max_length), bool), positions=jnp.zeros((batch, max_length), jnp.int32),
-                   index=jnp.zeros((), jnp.int32))
-
-    @property
-    def batch_size(self) -> int:
-        return self.valid.shape[0]
-
-    @property
-    def max_length(self) -> int:
-        return self.valid.shape[1]
-
-    def lengths(self) -> jax.Array:
-        """Real tokens per row [batch] (= the next rotary position)."""
-        return self.valid.sum(-1).astype(jnp.int32)
-
-    def take(self, rows: jax.Array) -> "KVCache":
-        """Rows in a new order/multiplicity (beam reordering, broadcasting to continuations)."""
-        return self.replace(k=jnp.take(self.k, rows, axis=1), v=jnp.take(self.v, rows, axis=1),
-                            valid=jnp.take(self.valid, rows, axis=0), positions=jnp.take(self.positions, rows, axis=0))
-
-    def repeat(self, n: int) -> "KVCache":
-        """Each row repeated n times consecutively: row b → rows b·n … b·n+n-1."""
-        return self.take(jnp.repeat(jnp.arange(self.batch_size), n))
 
 
 class LlamaOutput(struct.PyTreeNode):
@@ -104,49 +59,6 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return scale.astype(self.dtype) * y.astype(self.dtype)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, factor: float) -> jax.Array:
-    """Rotary embedding, half-split ("rotate_half") convention. x [B,T,H,hd], positions [B,T]."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)        # [B,T,hd/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = (jnp.cos(angles) * factor).astype(x.dtype), (jnp.sin(angles) * factor).astype(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
-
-
-def _allowed(q_pos, q_slot, k_valid, k_pos, k_slot, window):
-    """[B,T,S] attention mask: real key, causal by slot, inside the sliding window (if > 0)."""
-    ok = k_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
-    in_window = (q_pos[:, :, None] - k_pos[:, None, :]) < window
-    return ok & ((window <= 0) | in_window)
-
-
-def _attend(q, k, v, mask, prefix=None):
-    """Softmax attention with grouped KV heads; q [B,T,H,hd] pre-scaled, k/v [B,S,Hkv,hd].
-
-    `prefix` = (pk, pv, pmask) with pk/pv [Bp,P,Hkv,hd], pmask [B,T,P], B = Bp·R: query
-    rows b·R … b·R+R-1 share prefix row b, which is read in place, never copied R times.
-    """
-    B, T, H, hd = q.shape
-    Hkv = k.shape[2]
-    q = q.reshape(B, T, Hkv, H // Hkv, hd)
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    s = jnp.where(mask[:, None, None], s, _NEG)
-    if prefix is None:
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(B, T, H, hd)
-    pk, pv, pmask = prefix
-    Bp, P = pk.shape[:2]
-    qp = q.reshape(Bp, B // Bp, T, Hkv, H // Hkv, hd)
-    ps = jnp.einsum("brtkgd,bpkd->brkgtp", qp, pk, preferred_element_type=jnp.float32).reshape(B, Hkv, -1, T, P)
-    ps = jnp.where(pmask[:, None, None], ps, _NEG)
-    p = jax.nn.softmax(jnp.concatenate([ps, s], axis=-1), axis=-1).astype(v.dtype)
-    p_prefix, p_own = p[..., :P], p[..., P:]
-    out = jnp.einsum("bkgts,bskd->btkgd", p_own, v)
-    out_prefix = jnp.einsum("brkgtp,bpkd->brtkgd", p_prefix.reshape(Bp, B // Bp, *p_prefix.shape[1:]), pv)
-    return (out + out_prefix.reshape(out.shape)).reshape(B, T, H, hd)
 
 
 def _proj(cfg: LlamaConfig, name: str, features: int, axes, bias: bool, deterministic: bool) -> LoRADense:
@@ -182,16 +94,16 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
             new_kv = (k, v)
         key_slots = jnp.arange(ctx.key_valid.shape[1])
-        mask = _allowed(ctx.q_positions, ctx.q_slots, ctx.key_valid, ctx.key_positions, key_slots, window)
+        mask = allowed_keys(ctx.q_positions, ctx.q_slots, ctx.key_valid, ctx.key_positions, key_slots, window)
         prefix = None
         if prefix_k is not None:
             rows = B // prefix_k.shape[0]
             p_valid = jnp.repeat(ctx.prefix_valid, rows, axis=0)
             p_pos = jnp.repeat(ctx.prefix_positions, rows, axis=0)
             p_slots = jnp.full((p_valid.shape[1],), -1)
-            pmask = _allowed(ctx.q_positions, ctx.q_slots, p_valid, p_pos, p_slots, window)
+            pmask = allowed_keys(ctx.q_positions, ctx.q_slots, p_valid, p_pos, p_slots, window)
             prefix = (prefix_k.astype(q.dtype), prefix_v.astype(q.dtype), pmask)
-        out = _attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, prefix)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, prefix)
         out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv")).reshape(B, T, H * hd)
         return _proj(cfg, "o_proj", cfg.hidden_size, ("heads", "embed"), cfg.o_bias, det)(out, gates), new_kv
 

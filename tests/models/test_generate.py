@@ -181,7 +181,7 @@ def test_moe_gates_flow_through_generation_and_scoring(tiny):
     gates = jnp.asarray([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], jnp.float32)
     ids, mask = prompts("left")
     out = greedy_generate(model, params, ids, mask, lora_gates=gates, max_new_tokens=N_NEW)
-    cont = jnp.asarray(np.random.default_rng(2).integers(3, fx.VOCAB, (3, 2, 2)))
+    cont = jnp.asarray(np.random.default_rng(2).integers(3, fx.VOCAB, (3, 4, 3)))   # shapes as above: no recompile
     scored = score_continuations(model, params, cont, jnp.ones_like(cont), ids, mask, lora_gates=gates)
     for b in range(3):
         merged = merge_lora(params, lora, gates[b])
