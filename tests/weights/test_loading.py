@@ -119,16 +119,7 @@ def test_missing_and_malformed_files(tmp_path, hf_dir):
 
 
 def test_tokenizer_from_directory(tmp_path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the cat sat.\nthe dog ran.\n", "a cat, a dog\n"] * 20, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(tmp_path)
+    fx.save_tiny_tokenizer(tmp_path)
     loaded = load_tokenizer(tmp_path)
     ids = loaded("the cat sat.\n")["input_ids"]
     assert loaded.decode(ids) == "the cat sat.\n"
