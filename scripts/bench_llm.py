@@ -188,7 +188,8 @@ def main(argv=None) -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     payload = {"benchmark": "llm_lora", "machine": info, "jax_backend": jax.default_backend(),
-               "config": {k: v for k, v in vars(args).items() if k != "out"}, "results": results,
+               "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "model": Path(args.model).name},
+               "results": results,
                "peak_rss_mib": round(peak_rss_mib(), 1)}
     print("wrote", write_json(args.out, payload))
     return payload
