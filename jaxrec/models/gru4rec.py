@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxrec.models.layers import logical, torch_uniform_bias, torch_xavier_normal
+from jaxrec.models.layers import logical, matmul_rows, torch_uniform_bias, torch_xavier_normal
 
 
 class GRULayer(nn.Module):
@@ -52,21 +52,24 @@ class GRULayer(nn.Module):
         b_ih = self.param("bias_ih", b_init, (3, H), self.param_dtype).astype(self.dtype)
         b_hh = self.param("bias_hh", b_init, (3, H), self.param_dtype).astype(self.dtype)
 
-        x = x.astype(self.dtype)
-        # Time-major for the scan: [L, B, 3, H].
-        xi = jnp.einsum("blh,hgk->lbgk", x, w_ih) + b_ih
+        B, L = valid.shape
+        # Time-major for the scan ([L, B, 3, H]); transposing the input (not the 3x wider
+        # projection) and projecting with one 2-D matmul keeps XLA from adding transposes.
+        x_t = jnp.swapaxes(x.astype(self.dtype), 0, 1)
+        xi = matmul_rows(x_t, w_ih.reshape(-1, 3 * H), b_ih.reshape(-1)).reshape(L, B, 3, H)
         keep = jnp.swapaxes(valid, 0, 1)[:, :, None]
+        w_hh, b_hh = w_hh.reshape(H, 3 * H), b_hh.reshape(3 * H)
 
         def step(h, inputs):
             xi_t, valid_t = inputs
-            hh = jnp.einsum("bh,hgk->bgk", h, w_hh) + b_hh
+            hh = (jnp.dot(h, w_hh) + b_hh).reshape(-1, 3, H)
             r = jax.nn.sigmoid(xi_t[:, 0] + hh[:, 0])
             z = jax.nn.sigmoid(xi_t[:, 1] + hh[:, 1])
             n = jnp.tanh(xi_t[:, 2] + r * hh[:, 2])
             h_new = jnp.where(valid_t, (1 - z) * n + z * h, h)
             return h_new, jnp.where(valid_t, h_new, jnp.zeros((), h_new.dtype))
 
-        h0 = jnp.zeros((x.shape[0], H), self.dtype)
+        h0 = jnp.zeros((B, H), self.dtype)
         if last_only:
             h_last, _ = lax.scan(lambda h, inp: (step(h, inp)[0], None), h0, (xi, keep))
             return jnp.where(valid[:, -1:, None], h_last[:, None], jnp.zeros((), h_last.dtype))

@@ -44,35 +44,75 @@ def logical(init: Initializer, names: Sequence[str | None]) -> Initializer:
     return nn.with_logical_partitioning(init, tuple(names))
 
 
-class Linear(nn.Module):
-    """y = x @ W + b, contracting the last `n_in` axes of x into `features` (tuples let
-    attention produce [.., heads, head_dim] and consume it without reshapes).
+def dense_weights(module: nn.Module, in_shape: tuple[int, ...], features: tuple[int, ...],
+                  axes: Sequence[str | None], kernel_init: Initializer | None, bias_init: Initializer,
+                  use_bias: bool, param_dtype: Dtype) -> tuple[jax.Array, jax.Array | None]:
+    """Declare `kernel` [*in_shape, *features] and `bias` [*features] on `module`.
 
     `axes` names the kernel's axes (inputs first); the bias takes the output names.
     `kernel_init` defaults to torch's xavier-normal of the equivalent [out, in] weight.
     """
+    fan_in, fan_out = math.prod(in_shape), math.prod(features)
+    init = kernel_init or torch_xavier_normal(fan_in, fan_out)
+    kernel = module.param("kernel", logical(init, axes), tuple(in_shape) + tuple(features), param_dtype)
+    bias = None
+    if use_bias:
+        bias = module.param("bias", logical(bias_init, axes[len(in_shape):]), tuple(features), param_dtype)
+    return kernel, bias
+
+
+class LinearWeights(nn.Module):
+    """Just the (kernel, bias) of a dense layer, cast to `dtype`, for layers that slice
+    their weights (per-head attention) instead of applying them whole."""
+    in_shape: tuple[int, ...]
     features: tuple[int, ...]
     axes: tuple[str | None, ...]
     kernel_init: Initializer | None = None
     bias_init: Initializer = nn.initializers.zeros_init()
     use_bias: bool = True
-    n_in: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array | None]:
+        kernel, bias = dense_weights(self, tuple(self.in_shape), tuple(self.features), self.axes, self.kernel_init,
+                                     self.bias_init, self.use_bias, self.param_dtype)
+        return kernel.astype(self.dtype), None if bias is None else bias.astype(self.dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ W + b, contracting the last axis of x into `features`."""
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    kernel_init: Initializer | None = None
+    bias_init: Initializer = nn.initializers.zeros_init()
+    use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        features, n_in = tuple(self.features), self.n_in
-        in_shape = x.shape[x.ndim - n_in:]
-        fan_in, fan_out = math.prod(in_shape), math.prod(features)
-        init = self.kernel_init or torch_xavier_normal(fan_in, fan_out)
-        kernel = self.param("kernel", logical(init, self.axes), in_shape + features, self.param_dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
-        if self.use_bias:
-            bias = self.param("bias", logical(self.bias_init, self.axes[n_in:]), features, self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
+        features = tuple(self.features)
+        kernel, bias = dense_weights(self, x.shape[-1:], features, self.axes, self.kernel_init, self.bias_init,
+                                     self.use_bias, self.param_dtype)
+        y = matmul_rows(x.astype(self.dtype), kernel.reshape(x.shape[-1], -1).astype(self.dtype),
+                        None if bias is None else bias.reshape(-1).astype(self.dtype))
+        return y.reshape(x.shape[:-1] + features)
+
+
+def matmul_rows(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """x [..., K] @ w [K, N] (+ b [N]) as one 2-D matmul over the flattened rows.
+
+    With [B, L, K] operands XLA:CPU canonicalises the weight-gradient dot (contracting
+    B and L) by physically transposing the activation, which cost more than the
+    matmul itself; on [B*L, K] it contracts the rows in place. The bias is added
+    before the reshape so its gradient is a 1-axis column sum (a 2-axis reduction
+    of the 3-D array ran ~5x slower).
+    """
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w)
+    if b is not None:
+        y = y + b
+    return y.reshape(x.shape[:-1] + w.shape[1:])
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
@@ -114,7 +154,9 @@ def hash_bits(seed: jax.Array, shape: Sequence[int]) -> jax.Array:
 def hash_dropout(x: jax.Array, rate: float, seed: jax.Array) -> jax.Array:
     """Inverted dropout with a `hash_bits` mask: keep probability 1 - rate (to 2^-32)."""
     threshold = jnp.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
-    keep = hash_bits(seed, x.shape) >= threshold
+    # The barrier makes XLA store the mask (1 byte/element) instead of re-hashing it
+    # inside every consumer fusion, some of which are transposes in the backward pass.
+    keep = lax.optimization_barrier(hash_bits(seed, x.shape) >= threshold)
     return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 

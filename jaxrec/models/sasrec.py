@@ -30,7 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxrec.models.layers import Dropout, Linear, layer_norm, torch_uniform_bias, torch_xavier_normal, zero_pads
+from jaxrec.models.layers import (Dropout, Linear, LinearWeights, layer_norm, matmul_rows, torch_uniform_bias,
+                                  torch_xavier_normal, zero_pads)
 
 # Finite so fully masked rows (pad queries) give a uniform softmax instead of NaN;
 # those rows are zeroed afterwards.
@@ -60,30 +61,12 @@ class SASRecBlock(nn.Module):
         H, n_heads = self.hidden, self.n_heads
         if H % n_heads:
             raise ValueError(f"hidden={H} is not divisible by n_heads={n_heads}")
-        head_dim, inner = H // n_heads, self.inner or H
+        inner = self.inner or H
         attn_rate = self.dropout if self.attn_dropout is None else self.attn_dropout
-        B, L, _ = x.shape
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        qkv_init = torch_xavier_normal(H, 3 * H)  # torch's packed in_proj [3H, H]
-
         x = x.astype(self.dtype)
         q_in = layer_norm(self.ln_eps, self.dtype, self.param_dtype, "attn_norm")(x[:, -1:] if last_only else x)
-        q = Linear((n_heads, head_dim), ("embed", "heads", "kv"), qkv_init, name="query", **dense)(q_in)
-        kv = Linear((2, n_heads, head_dim), ("embed", None, "heads", "kv"), qkv_init, name="key_value", **dense)(x)
-        k, v = kv[:, :, 0], kv[:, :, 1]
-
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(head_dim)
-        q_pos = jnp.arange(L - q.shape[1], L)[:, None]
-        allowed = (q_pos >= jnp.arange(L)[None, :])[None, None]          # [1, 1, Lq, L]
-        if self.mask_pad_keys:
-            allowed = allowed & valid[:, None, None, :]
-        probs = jax.nn.softmax(jnp.where(allowed, scores, _MASKED), axis=-1).astype(self.dtype)
-        probs = Dropout(attn_rate)(probs, deterministic)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        attn = Linear((H,), ("heads", "kv", "embed"), torch_xavier_normal(H, H), n_in=2, name="out",
-                      **dense)(ctx)
-
+        attn = self._attention(q_in, x, valid, deterministic, attn_rate)
         x = q_in + attn
         x = layer_norm(self.ln_eps, self.dtype, self.param_dtype, "ffn_norm")(x)
         y = Linear((inner,), ("embed", "mlp"), bias_init=torch_uniform_bias(H), name="ffn_in", **dense)(x)
@@ -91,3 +74,37 @@ class SASRecBlock(nn.Module):
         y = Linear((H,), ("mlp", "embed"), bias_init=torch_uniform_bias(inner), name="ffn_out", **dense)(y)
         x = x + Dropout(self.dropout)(y, deterministic)
         return zero_pads(x, valid[:, -x.shape[1]:])
+
+    def _attention(self, q_in, x, valid, deterministic, rate):
+        """Multi-head attention, one head at a time.
+
+        Each head's q/k/v come from their own column block of the kernels as plain 2-D
+        matmuls, so the per-head arrays are born contiguous ([B, L, head_dim]) and the
+        batched score/context products have only the batch axis: splitting heads out of
+        [B, L, heads, head_dim] instead costs XLA:CPU transposes larger than the math.
+        """
+        H, n_heads = self.hidden, self.n_heads
+        d, L, Lq = H // n_heads, x.shape[1], q_in.shape[1]
+        weights = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv_init = torch_xavier_normal(H, 3 * H)  # torch packs q, k, v into one [3H, H] in_proj
+        w_q, b_q = LinearWeights((H,), (n_heads, d), ("embed", "heads", "kv"), qkv_init, name="query", **weights)()
+        w_kv, b_kv = LinearWeights((H,), (2, n_heads, d), ("embed", None, "heads", "kv"), qkv_init,
+                                   name="key_value", **weights)()
+        w_o, b_o = LinearWeights((n_heads, d), (H,), ("heads", "kv", "embed"), torch_xavier_normal(H, H),
+                                 name="out", **weights)()
+        allowed = (jnp.arange(L - Lq, L)[:, None] >= jnp.arange(L)[None, :])[None]        # [1, Lq, L] causal
+        if self.mask_pad_keys:
+            allowed = allowed & valid[:, None, :]
+        dropout = Dropout(rate, name="attn_dropout")
+        scale = jnp.asarray(1.0 / math.sqrt(d), self.dtype)
+        out = None
+        for i in range(n_heads):
+            q = matmul_rows(q_in, w_q[:, i], b_q[i]) * scale                               # [B, Lq, d]
+            k = matmul_rows(x, w_kv[:, 0, i], b_kv[0, i])                                  # [B, L, d]
+            v = matmul_rows(x, w_kv[:, 1, i], b_kv[1, i])
+            scores = jnp.einsum("bqd,bkd->bqk", q, k, preferred_element_type=jnp.float32)
+            probs = jax.nn.softmax(jnp.where(allowed, scores, _MASKED), axis=-1).astype(self.dtype)
+            ctx = jnp.einsum("bqk,bkd->bqd", dropout(probs, deterministic), v)
+            head = matmul_rows(ctx, w_o[i], b_o if i == 0 else None)                      # [B, Lq, H]
+            out = head if out is None else out + head
+        return out

@@ -1,10 +1,12 @@
 """Training losses against numpy closed forms (float64)."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxrec.models.losses import make_loss, sampled_softmax, sasrec_bce, softmax_cross_entropy
+from jaxrec.train.mesh import DEFAULT_RULES, make_mesh
 
 V, D = 13, 6   # 12 items + pad row
 
@@ -58,12 +60,13 @@ def test_cross_entropy_value_and_gradients(chunk):
 
 def test_cross_entropy_defaults_and_metrics():
     h, table, targets = _data(2)
-    loss, metrics = softmax_cross_entropy(jnp.asarray(h), jnp.asarray(table), jnp.asarray(targets))
+    loss, metrics = jax.jit(softmax_cross_entropy)(jnp.asarray(h), jnp.asarray(table), jnp.asarray(targets))
     assert float(loss) == pytest.approx(_ce_numpy(h, table, targets, np.ones(targets.shape)), rel=1e-5)
     assert float(metrics["weight"]) == (targets > 0).sum()
     # bf16 activations: same loss to bf16 precision, gradient in the activation dtype.
     hb = jnp.asarray(h, jnp.bfloat16)
-    lb, gb = jax.value_and_grad(lambda x: softmax_cross_entropy(x, jnp.asarray(table), jnp.asarray(targets))[0])(hb)
+    lb, gb = jax.jit(jax.value_and_grad(lambda x: softmax_cross_entropy(x, jnp.asarray(table),
+                                                                        jnp.asarray(targets))[0]))(hb)
     assert gb.dtype == jnp.bfloat16 and float(lb) == pytest.approx(float(loss), rel=0.03)
 
 
@@ -131,3 +134,17 @@ def test_make_loss_selects_and_rejects():
         make_loss("ce", chunks=4)
     with pytest.raises(ValueError, match="needs an rng"):
         make_loss("sampled_softmax")(jnp.asarray(h), jnp.asarray(table), jnp.asarray(targets))
+
+
+def test_chunked_cross_entropy_sharded_over_rows_equals_one_device():
+    rs = np.random.RandomState(9)
+    h, table = rs.randn(16, 5, D).astype(np.float32), rs.randn(V + 3, D).astype(np.float32)   # 16 table rows
+    targets = rs.randint(0, V + 3, (16, 5))
+    grad = jax.value_and_grad(lambda h, t: softmax_cross_entropy(h, t, jnp.asarray(targets), chunk=24)[0], (0, 1))
+    ref = jax.jit(grad)(h, table)
+    mesh = make_mesh((4, 1, 2))
+    P = jax.sharding.PartitionSpec
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        got = jax.jit(grad)(jax.device_put(h, jax.NamedSharding(mesh, P(("data", "fsdp")))),
+                            jax.device_put(table, jax.NamedSharding(mesh, P("tensor"))))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, ref)

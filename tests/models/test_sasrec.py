@@ -183,7 +183,7 @@ def test_dropout_is_active_in_training_and_reproducible():
     a, b, c = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
-    rbg = model.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(3, impl="rbg")})
+    rbg = run(jax.random.key(3, impl="rbg"))
     assert np.all(np.isfinite(np.asarray(rbg))) and not np.allclose(rbg, a)
 
 
