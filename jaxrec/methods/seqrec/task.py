@@ -67,17 +67,21 @@ class SeqRecTask(Task):
         m, d = config.model, config.data
         self.store = load_store(d, config.source)
         self.split = make_split(self.store, d, config.source)
-        dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
-        self.model = build_sequence_model(
-            m.backbone, self.store.n_items, d.max_len, hidden=m.hidden, n_layers=m.layers, n_heads=m.heads,
-            inner=m.inner or None, dropout=m.dropout, attn_dropout=None if m.attn_dropout < 0 else m.attn_dropout,
-            dtype=dtype)
+        self.model = self.build_model(jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32)
         options = {"negatives": {"n_negatives": m.negatives}, "loss_chunk": {"chunk": m.loss_chunk or None}}
         self.loss_fn = make_loss(m.loss, **(options["negatives"] if m.loss == "sampled_softmax" else
                                             options["loss_chunk"] if m.loss == "ce" else {}))
         self.last_only = d.train_windows == "prefix"   # RecBole-style records carry one target, at the end
         self.n_negatives = EvalProtocol(candidates=config.eval.candidates).n_negatives
         self._eval_cache: dict[str, list[EvalSet]] = {}
+
+    def build_model(self, dtype, **overrides):
+        """The encoder; methods that wrap the backbone pass e.g. `make_level` here."""
+        m, d = self.config.model, self.config.data
+        return build_sequence_model(
+            m.backbone, self.store.n_items, d.max_len, hidden=m.hidden, n_layers=m.layers, n_heads=m.heads,
+            inner=m.inner or None, dropout=m.dropout, attn_dropout=None if m.attn_dropout < 0 else m.attn_dropout,
+            dtype=dtype, **overrides)
 
     # ------------------------------------------------------------------ data
     def train_records(self):
@@ -126,8 +130,12 @@ class SeqRecTask(Task):
         return loss, ({"targets": metrics["weight"]}, state)
 
     def eval_step(self, params, frozen, state, batch):
-        query = self.model.apply({"params": params}, batch["inputs"], deterministic=True,
-                                 last_only=True).astype(jnp.float32)
+        query = self.model.apply({"params": params}, batch["inputs"], deterministic=True, last_only=True)
+        return self.rank_metrics(params, query, batch)
+
+    def rank_metrics(self, params, query, batch):
+        """Per-example ranking metrics of the queries [B, H] under the configured protocol."""
+        query = query.astype(jnp.float32)
         table = params["item_embedding"].astype(jnp.float32)
         if self.n_negatives is not None:
             ranks = sampled_ranks(query, table, batch["target"], batch["candidates"])
