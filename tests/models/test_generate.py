@@ -112,25 +112,32 @@ def test_token_mask_hook_constrains_greedy(tiny):
 
 
 def reference_beam_search(hf, ids, mask, num_beams, steps, stop):
-    """Plain-Python beam search scored by the transformers model (full forward, no cache)."""
-    results = []
-    for row_ids, row_mask in zip(np.asarray(ids), np.asarray(mask)):
-        prompt = row_ids[row_mask == 1].tolist()
-        beams = [([], 0.0, False)]
-        for _ in range(steps):
+    """Plain-Python beam search scored by the transformers model (full forward, no cache);
+    each step scores every live beam of every prompt in one left-padded batch."""
+    prompts = [row[m == 1].tolist() for row, m in zip(np.asarray(ids), np.asarray(mask))]
+    beams = [[([], 0.0, False)] for _ in prompts]
+    for _ in range(steps):
+        live = [(b, i) for b, row in enumerate(beams) for i, (_, _, done) in enumerate(row) if not done]
+        seqs = [prompts[b] + beams[b][i][0] for b, i in live]
+        width = max(map(len, seqs))
+        batch, batch_mask = np.zeros((len(seqs), width), np.int64), np.zeros((len(seqs), width), np.int64)
+        for r, seq in enumerate(seqs):
+            batch[r, width - len(seq):], batch_mask[r, width - len(seq):] = seq, 1
+        last = fx.hf_logits(hf, batch, batch_mask)[:, -1].astype(np.float64)
+        logp = last - last.max(-1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        new = []
+        for b, row in enumerate(beams):
             cands = []
-            for toks, score, done in beams:
+            for i, (toks, score, done) in enumerate(row):
                 if done:
                     cands.append((toks + [0], score, True))
                     continue
-                with torch.no_grad():
-                    logits = hf(input_ids=torch.as_tensor([prompt + toks])).logits[0, -1].double()
-                logp = torch.log_softmax(logits, -1).numpy()
-                for v in np.argsort(-logp)[:num_beams]:
-                    cands.append((toks + [int(v)], score + logp[v], int(v) == stop))
-            beams = sorted(cands, key=lambda c: -c[1])[:num_beams]
-        results.append(beams)
-    return results
+                lp = logp[live.index((b, i))]
+                cands += [(toks + [int(v)], score + lp[v], int(v) == stop) for v in np.argsort(-lp)[:num_beams]]
+            new.append(sorted(cands, key=lambda c: -c[1])[:num_beams])
+        beams = new
+    return beams
 
 
 def test_beam_search_matches_reference(tiny):

@@ -23,6 +23,12 @@ def base_params():
     return init_params(Llama(BASE), jax.random.key(0))
 
 
+@pytest.fixture(scope="module")
+def moe_params(base_params):
+    """Base + freshly initialised MoE-LoRA adapters (B = 0)."""
+    return init_adapters(Llama(BASE.with_lora(MOE)), base_params, jax.random.key(3))
+
+
 def randomize_b(params, seed=1, scale=0.3):
     """Give every lora_b a nonzero value (init has B = 0)."""
     rng = np.random.default_rng(seed)
@@ -56,9 +62,9 @@ def test_lora_dense_matches_per_expert_sum():
 
 
 @pytest.mark.parametrize("lora", [LoraConfig(rank=4, targets="q_proj|v_proj"), MOE], ids=["lora", "moe"])
-def test_zero_b_equals_base(base_params, lora):
+def test_zero_b_equals_base(base_params, moe_params, lora):
     model = Llama(BASE.with_lora(lora))
-    params = init_adapters(model, base_params, jax.random.key(3))
+    params = moe_params if lora is MOE else init_adapters(model, base_params, jax.random.key(3))
     gates = softmax_gates(4) if lora.num_experts > 1 else None
     got = forward(model, params, IDS, lora_gates=gates).logits
     want = forward(Llama(BASE), base_params, IDS).logits
@@ -68,18 +74,20 @@ def test_zero_b_equals_base(base_params, lora):
     assert np.abs(np.asarray(moved - want)).max() > 1e-2
 
 
-def test_targets_select_projections(base_params):
-    qv = traverse_util.flatten_dict(init_adapters(Llama(BASE.with_lora(LoraConfig(targets="q_proj|v_proj"))),
-                                                  base_params, jax.random.key(0)))
-    adapted = {p[-2] for p in qv if p[-1] == "lora_a"}
-    assert adapted == {"q_proj", "v_proj"}
-    every = init_adapters(Llama(BASE.with_lora(MOE)), base_params, jax.random.key(0))
-    assert {p[-2] for p in traverse_util.flatten_dict(every) if p[-1] == "lora_a"} == set(ALL_PROJECTIONS.split("|"))
+def adapted_projections(lora):
+    trainable, _ = split_trainable(abstract_params(Llama(BASE.with_lora(lora))))
+    return {p[-2] for p in traverse_util.flatten_dict(trainable) if p[-1] == "lora_a"}
 
 
-def test_one_hot_gate_equals_plain_lora_of_that_expert(base_params):
+def test_targets_select_projections():
+    assert adapted_projections(LoraConfig(targets="q_proj|v_proj")) == {"q_proj", "v_proj"}
+    assert adapted_projections(LoraConfig(targets=".*_proj")) == set(ALL_PROJECTIONS.split("|"))
+    assert adapted_projections(LoraConfig(targets="(gate|up|down)_proj")) == {"gate_proj", "up_proj", "down_proj"}
+
+
+def test_one_hot_gate_equals_plain_lora_of_that_expert(moe_params):
     moe_model = Llama(BASE.with_lora(MOE))
-    moe = randomize_b(init_adapters(moe_model, base_params, jax.random.key(5)))
+    moe = randomize_b(moe_params, seed=5)
     experts = [2, 0, 3]                       # a different expert per row
     gates = jax.nn.one_hot(jnp.asarray(experts), 4)
     got = forward(moe_model, moe, IDS, lora_gates=gates).logits
@@ -98,7 +106,7 @@ def test_one_hot_gate_equals_plain_lora_of_that_expert(base_params):
         np.testing.assert_allclose(got[row], want[row], atol=1e-5)
 
 
-def test_merged_weights_equal_adapter_forward(base_params):
+def test_merged_weights_equal_adapter_forward(base_params, moe_params):
     lora = LoraConfig(rank=4, alpha=8.0, targets=ALL_PROJECTIONS)
     model = Llama(BASE.with_lora(lora))
     params = randomize_b(init_adapters(model, base_params, jax.random.key(6)))
@@ -109,7 +117,7 @@ def test_merged_weights_equal_adapter_forward(base_params):
 
     # MoE-LoRA merges for one fixed gate (one user's adapter)
     moe_model = Llama(BASE.with_lora(MOE))
-    moe = randomize_b(init_adapters(moe_model, base_params, jax.random.key(7)))
+    moe = randomize_b(moe_params, seed=7)
     gate = softmax_gates(8, batch=1)[0]
     want = forward(moe_model, moe, IDS, lora_gates=jnp.tile(gate, (3, 1))).logits
     np.testing.assert_allclose(forward(Llama(BASE), merge_lora(moe, MOE, gate), IDS).logits, want, atol=1e-5)
@@ -117,29 +125,35 @@ def test_merged_weights_equal_adapter_forward(base_params):
         merge_lora(moe, MOE)
 
 
-def test_gradients_reach_only_adapters(base_params):
+def test_gradients_reach_only_adapters(moe_params):
     model = Llama(BASE.with_lora(MOE))
-    params = init_adapters(model, base_params, jax.random.key(9))
+    params = moe_params
     trainable, frozen = split_trainable(params)
     assert count_params(trainable) + count_params(frozen) == count_params(params)
     assert all(p[-1].startswith("lora_") for p in traverse_util.flatten_dict(trainable))
     gates = softmax_gates(10)
+    tx = optax.adam(1e-2)
 
     def loss(trainable, frozen):
         logits = model.apply({"params": merge_trainable(trainable, frozen)}, IDS, lora_gates=gates).logits
         return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
-    grads = jax.jit(jax.grad(loss))(trainable, frozen)
+    @jax.jit
+    def train_step(trainable, frozen):
+        grads = jax.grad(loss)(trainable, frozen)
+        state = tx.init(trainable)
+        updates, state = tx.update(grads, state, trainable)
+        return grads, state, optax.apply_updates(trainable, updates)
+
+    grads, state, updated = train_step(trainable, frozen)
     flat = traverse_util.flatten_dict(grads)
+    assert set(flat) == set(traverse_util.flatten_dict(trainable))
     # Closed form at init (B = 0): dL/dA = (…)·Bᵀ = 0 exactly, dL/dB ≠ 0.
     assert all(np.all(np.asarray(g) == 0) for p, g in flat.items() if p[-1] == "lora_a")
     assert all(np.abs(np.asarray(g)).max() > 0 for p, g in flat.items() if p[-1] == "lora_b")
-
-    tx = optax.adam(1e-2)
-    state = jax.jit(tx.init)(trainable)
+    # optimizer moments exist for the adapters only
     assert count_params([x for x in jax.tree.leaves(state) if x.ndim]) == 2 * count_params(trainable)
-    updates, state = jax.jit(tx.update)(grads, state, trainable)
-    new = merge_trainable(optax.apply_updates(trainable, updates), frozen)
+    new = merge_trainable(updated, frozen)
     for path, leaf in traverse_util.flatten_dict(new).items():
         if not path[-1].startswith("lora_"):
             assert leaf is traverse_util.flatten_dict(params)[path]   # frozen leaves untouched
@@ -174,9 +188,9 @@ def test_dropout_only_in_training(base_params):
     assert np.abs(np.asarray(a - b)).max() > 1e-4 and np.abs(np.asarray(a - det)).max() > 1e-4
 
 
-def test_gate_errors(base_params):
+def test_gate_errors(base_params, moe_params):
     moe_model = Llama(BASE.with_lora(MOE))
-    params = init_adapters(moe_model, base_params, jax.random.key(0))
+    params = moe_params
     with pytest.raises(ValueError, match="lora_gates"):
         moe_model.apply({"params": params}, IDS)
     with pytest.raises(ValueError, match="lora_gates must have shape"):
