@@ -130,8 +130,10 @@ def run_setting(name, cfg, args):
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
     def step(p, o, rng):
-        slices = (inputs.reshape(n_micro, -1, L), targets.reshape(n_micro, -1, *targets.shape[1:]),
-                  jax.random.split(rng, n_micro))
+        # Strided slices (rows i, i + n_micro, ...): under data parallelism every slice
+        # spans all devices instead of living on one of them.
+        strided = lambda a: jnp.swapaxes(a.reshape((-1, n_micro) + a.shape[1:]), 0, 1)
+        slices = (strided(inputs), strided(targets), jax.random.split(rng, n_micro))
 
         def accumulate(acc, xs):
             (total, weight), grads = grad_fn(p, *xs)

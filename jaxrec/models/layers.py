@@ -6,10 +6,12 @@ torch's defaults for the rest. Torch and Flax disagree on fans for packed or >2-
 weights, so every initializer here takes its fans explicitly:
 std = sqrt(2 / (fan_in + fan_out)) with torch's fans for the *torch-shaped* weight.
 
-Dropout uses a counter-based hash instead of `jax.random.bernoulli`. On CPU,
-threefry (and XLA's RngBitGenerator behind "rbg") costs ~10 ns per element, which at
-batch 2048 x 50 x 256 is more than the matmuls of the whole layer; hashing the element
-index with a per-call seed costs one fused integer pass. See `hash_dropout`.
+Dropout uses a counter-based hash instead of `jax.random.bernoulli`. On CPU, threefry
+(and XLA's RngBitGenerator behind "rbg"/"unsafe_rbg") generates bits slower than the
+layer's matmuls consume them; hashing the element index with a per-call seed is a few
+integer ops fused into the consumer (`scripts/bench_step.py --dropout-mask jax`
+measures the difference). Because the mask depends on the *global* element index, a
+sharded activation draws exactly the mask it would draw on one device.
 """
 from __future__ import annotations
 
@@ -154,9 +156,9 @@ def hash_bits(seed: jax.Array, shape: Sequence[int]) -> jax.Array:
 def hash_dropout(x: jax.Array, rate: float, seed: jax.Array) -> jax.Array:
     """Inverted dropout with a `hash_bits` mask: keep probability 1 - rate (to 2^-32)."""
     threshold = jnp.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
-    # The barrier makes XLA store the mask (1 byte/element) instead of re-hashing it
-    # inside every consumer fusion, some of which are transposes in the backward pass.
-    keep = lax.optimization_barrier(hash_bits(seed, x.shape) >= threshold)
+    # XLA re-hashes inside each consumer fusion (forward and backward) instead of storing
+    # the mask (XLA:CPU drops optimization barriers before fusion); a few integer ops.
+    keep = hash_bits(seed, x.shape) >= threshold
     return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 

@@ -213,11 +213,14 @@ def test_bf16_compute_with_fp32_params():
 
 
 def test_sharded_forward_matches_one_device():
+    """Also in training mode: hash dropout masks depend on global element indices only,
+    so 8 devices draw exactly the masks 1 device draws."""
     rs = np.random.RandomState(6)
     model = _model(n_items=39)  # 40 table rows: divisible by the tensor axis
     x = _inputs(rs, batch=8, n_pads=(0, 3, 7, 11, 1, 2, 4, 5)) % 40
     init = lambda: model.init(KEY, x)
-    ref = jax.jit(model.apply)(jax.jit(init)(), x)
+    train = lambda p, x: model.apply(p, x, deterministic=False, rngs={"dropout": jax.random.key(4)})
+    ref = jax.jit(train)(jax.jit(init)(), x)
     mesh = make_mesh((2, 2, 2))
     # Outside the rules context: get_partition_spec unboxes, which would apply constraints.
     shardings = logical_shardings(jax.eval_shape(init), mesh)
@@ -225,6 +228,6 @@ def test_sharded_forward_matches_one_device():
         params = jax.jit(init, out_shardings=shardings)()
         assert params["params"]["item_embedding"].value.sharding.spec[0] == "tensor"
         x_sharded = jax.device_put(x, jax.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
-        out = jax.jit(lambda p, x: model.apply(p, x))(params, x_sharded)
+        out = jax.jit(train)(params, x_sharded)
     assert out.sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_allclose(out, ref, atol=1e-5)
