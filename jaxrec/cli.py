@@ -52,7 +52,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxrec.config import ConfigError
     from jaxrec.train.checkpoint import CheckpointNotFound
     from jaxrec.train.trainer import NonFiniteLoss
-    errors: list[type[BaseException]] = [ConfigError, CheckpointNotFound, NonFiniteLoss, FileNotFoundError]
+    from jaxrec.weights.errors import CheckpointFormatError, TensorMismatchError, UnsupportedModelError
+    errors: list[type[BaseException]] = [ConfigError, CheckpointNotFound, NonFiniteLoss, FileNotFoundError,
+                                         CheckpointFormatError, TensorMismatchError, UnsupportedModelError]
     try:
         from jaxrec.data.readers import DataFormatError
         errors.append(DataFormatError)
@@ -102,7 +104,9 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "generate":
         from jaxrec.models.chat import chat
-        print(chat(args.model, args.prompt, max_new_tokens=args.max_new_tokens, system=args.system))
+        from jaxrec.weights.packaged import resolve_model_path
+        print(chat(resolve_model_path(args.model), args.prompt, max_new_tokens=args.max_new_tokens,
+                   system=args.system))
         return 0
     raise AssertionError(args.command)
 

