@@ -57,6 +57,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 128          # global batch (all processes)
+    microbatches: int = 1          # gradient accumulation: the batch is processed in this many slices
     epochs: float = 40.0           # used when steps == 0
     steps: int = 0
     lr: float = 5e-3
@@ -356,6 +357,8 @@ def validate(config: Config, source_of) -> None:
 
     t, d, e, c = config.train, config.data, config.eval, config.checkpoint
     require(t.batch_size > 0, "train.batch_size", "must be positive")
+    require(t.microbatches > 0 and t.batch_size % t.microbatches == 0, "train.microbatches",
+            f"must be a positive divisor of train.batch_size={t.batch_size}")
     require(t.steps > 0 or t.epochs > 0, "train.epochs", "set train.steps or a positive train.epochs")
     require(t.lr > 0, "train.lr", "must be positive")
     require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")

@@ -17,8 +17,9 @@ from jaxrec.config import ConfigError, apply_overrides, build_config
 from jaxrec.train import mesh as mesh_lib
 from jaxrec.train.checkpoint import CheckpointNotFound, RunCheckpoints, find_run_checkpoints
 from jaxrec.train.evaluation import Evaluator
+from jaxrec.train.session import Session
 from jaxrec.train.state import schedule, unboxed_abstract, with_clipping
-from jaxrec.train.trainer import Session, format_report
+from jaxrec.train.trainer import format_report
 
 log = logging.getLogger("jaxrec")
 
