@@ -127,7 +127,7 @@ class SeqRecTask(Task):
                              rngs={"dropout": dropout_rng})
         targets = batch["targets"][:, -1] if self.last_only else batch["targets"]
         loss, metrics = self.loss_fn(h, params["item_embedding"], targets, None, loss_rng)
-        return loss, ({"targets": metrics["weight"]}, state)
+        return loss, ({"weight": metrics["weight"]}, state)
 
     def eval_step(self, params, frozen, state, batch):
         query = self.model.apply({"params": params}, batch["inputs"], deterministic=True, last_only=True)
