@@ -63,7 +63,7 @@ def test_one_context_is_exactly_the_backbone(kind):
     params = _params(kind, 1)
     plain = {k: v for k, v in params.items() if not k.startswith("levels_")}
     for k in range(2):
-        plain[f"levels_{k}"] = jax.tree.map(lambda a: a[0], params[f"levels_{k}"]["branches"]["unit"])
+        plain[f"levels_{k}"] = params[f"levels_{k}"]["branch_0"]
     assert "gating" not in params["levels_0"]       # a softmax over one branch is 1: no gate parameters
     x = _inputs()
     ours, state = _apply(_caseq(kind, 1), params, x)
@@ -122,7 +122,7 @@ def test_levels_equal_the_official_slot_axis_forward(kind, levels):
     unit_module = model.make_unit()
 
     def unit(k, j, inp):
-        p = jax.tree.map(lambda a: a[j], params[f"levels_{k}"]["branches"]["unit"])
+        p = params[f"levels_{k}"][f"branch_{j}"]
         return np.asarray(unit_module.apply({"params": p}, jnp.asarray(inp, jnp.float32), jnp.asarray(valid)))
 
     w1 = [np.asarray(params[f"levels_{k}"]["gating"]["hidden_kernel"]) for k in range(levels)]
@@ -140,7 +140,7 @@ def test_levels_equal_the_official_slot_axis_forward(kind, levels):
     np.testing.assert_allclose(q, outer, atol=1e-7)
     assert q.shape[-1] == C ** levels and np.all(q[~valid] == 0)
     # Perturbed gates are far from uniform, so the ordering of q is actually tested.
-    assert np.abs(q[valid] - 1 / C ** levels).max() > 0.05
+    assert np.abs(q[valid] * C ** levels - 1).max() > 0.5
 
 
 def test_last_only_gives_the_last_row_and_its_gates():
@@ -157,7 +157,7 @@ def test_gate_init_follows_torch_fans_and_branches_differ():
     Hb, C = 64, 3
     model = build_sequence_model("sasrec", N_ITEMS, L, hidden=Hb, n_layers=1, make_level=branching_levels(C, Hb))
     specs = nn.get_partition_spec(jax.eval_shape(model.init, KEY, _inputs()))["params"]["levels_0"]
-    assert specs["branches"]["unit"]["query"]["kernel"] == jax.sharding.PartitionSpec("expert", "embed", "heads", "kv")
+    assert sorted(specs) == ["branch_0", "branch_1", "branch_2", "gating"]
     assert specs["gating"]["hidden_kernel"] == jax.sharding.PartitionSpec("expert", "embed", "mlp")
     x, valid = jnp.zeros((1, 2, Hb)), jnp.ones((1, 2), bool)
     p = ContextGate(C, Hb).init(KEY, x, valid)["params"]
@@ -166,9 +166,9 @@ def test_gate_init_follows_torch_fans_and_branches_differ():
     assert w1.std() == pytest.approx(math.sqrt(2 / (Hb * Hb + C * Hb)), rel=0.05)
     assert w2.std() == pytest.approx(math.sqrt(2 / (Hb + C)), rel=0.2)
     level = BranchingLevel(make_unit=functools.partial(GRULayer, hidden=4), n_contexts=C, hidden=4)
-    kernels = np.asarray(nn.unbox(level.init(KEY, jnp.zeros((1, 2, 4)), jnp.ones((1, 2), bool))["params"]
-                                  ["branches"]["unit"]["kernel_ih"]))
-    assert kernels.shape == (C, 4, 3, 4) and not np.allclose(kernels[0], kernels[1])   # own init per branch
+    p = nn.unbox(level.init(KEY, jnp.zeros((1, 2, 4)), jnp.ones((1, 2), bool))["params"])
+    kernels = [np.asarray(p[f"branch_{j}"]["kernel_ih"]) for j in range(C)]
+    assert kernels[0].shape == (4, 3, 4) and not np.allclose(kernels[0], kernels[1])   # own init per branch
 
 
 # ----------------------------------------------------------------------------- KL and prior
@@ -212,16 +212,17 @@ def test_prior_is_the_mean_q_at_the_last_position_of_fresh_pseudo_sequences():
     task = _task(backbone="gru4rec", contexts=3, dropout=0.0, pseudo_sequences=4)
     params = _random_params(task.model)
     key = jax.random.key(5)
-    prior = task.prior(params, key)
+    prior_fn = jax.jit(task.prior)
+    prior = prior_fn(params, key)
     seqs = pseudo_sequences(jax.random.split(key)[0], 4, L, task.store.n_items)
     assert seqs.shape == (4, L) and int(seqs.min()) >= 1 and int(seqs.max()) <= task.store.n_items
     _, state = _apply(task.model, params, seqs)
     q = np.asarray(path_distribution(level_gates(state["intermediates"], 2)))
     np.testing.assert_allclose(prior, q[:, -1].mean(0), atol=1e-6)
     np.testing.assert_allclose(mixture_prior(jnp.asarray(q)), q[:, -1].mean(0), atol=1e-6)
-    assert not np.allclose(prior, task.prior(params, jax.random.key(6)))   # redrawn per key
+    assert not np.allclose(prior, prior_fn(params, jax.random.key(6)))   # redrawn per key
     # Gradients reach the prior's parameters through p_hat (it is not detached).
-    grad = jax.grad(lambda p: jnp.sum(task.prior(p, key) ** 2))(params)
+    grad = jax.jit(jax.grad(lambda p: jnp.sum(task.prior(p, key) ** 2)))(params)
     assert np.abs(np.asarray(grad["levels_0"]["gating"]["out_kernel"])).max() > 0
 
 
@@ -243,8 +244,8 @@ def test_loss_is_prediction_plus_weighted_kl_and_trains():
     records, transform = task.train_records(), task.train_transform()
     rows = [transform(records[i], rng) for i in range(8)]
     batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
-    (loss, (metrics, _)), grads = jax.value_and_grad(
-        lambda p: task.loss(p, {}, {}, batch, jax.random.key(0)), has_aux=True)(params)
+    (loss, (metrics, _)), grads = jax.jit(jax.value_and_grad(
+        lambda p: task.loss(p, {}, {}, batch, jax.random.key(0)), has_aux=True))(params)
     assert float(loss) == pytest.approx(float(metrics["prediction_loss"] + 0.5 * metrics["kl"]), rel=1e-6)
     assert float(metrics["kl"]) >= 0 and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     no_kl = _task(backbone="gru4rec", contexts=3, kl_weight=0.0)
