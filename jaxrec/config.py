@@ -43,7 +43,7 @@ class DataConfig:
     format: str = "auto"           # reader: auto | pairs | sequences | movielens | recbole | llara
     synthetic: str = "default"     # preset of the embedded generator: default | tiny
     synthetic_options: dict = field(default_factory=dict)   # SyntheticConfig fields to change, e.g. {n_users: 500}
-    split: Literal["leave_one_out", "gap", "temporal"] = "leave_one_out"
+    split: Literal["leave_one_out", "gap", "temporal", "llara"] = "leave_one_out"   # llara: the directory's own rows
     min_length: int = 3            # leave-one-out: shorter users are train-only
     lapse: int = 30                # gap protocol: events between the no-gap and the gap target
     valid_start: float = 0.0       # temporal split cut points (absolute timestamps)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from jaxrec.config import ConfigError, DataConfig, from_dict
 from jaxrec.data import splits
 from jaxrec.data.store import InteractionStore
@@ -29,13 +31,35 @@ def load_store(data: DataConfig, source: str = "config") -> InteractionStore:
     if not path.exists():
         raise ConfigError(f"{source}: data.source: {data.source} does not exist "
                           f"(relative paths are taken from the working directory)")
+    if data.split == "llara":
+        if not path.is_dir() or data.format not in ("auto", "llara"):
+            raise ConfigError(f"{source}: data.split: 'llara' needs data.source to be a LLaRA directory "
+                              f"(train.tsv, val.tsv, test.tsv), got {data.source} with format {data.format!r}")
+        from jaxrec.data.llara import read_llara
+        return combine_llara(read_llara(path))
     return read_interactions(path, format=data.format)
+
+
+def combine_llara(stores: dict[str, InteractionStore]) -> InteractionStore:
+    """One store holding the rows of a LLaRA directory's train, valid and test files (in that
+    order; they share one item vocabulary). Row tokens become `<role>:<row>`, which is what
+    `make_split` reads back for `data.split: llara`."""
+    parts = [(role, stores[role]) for role in splits.LLARA_ROLES]
+    lengths = np.concatenate([s.lengths() for _, s in parts])
+    return InteractionStore(
+        user_offsets=np.concatenate([[0], np.cumsum(lengths)]),
+        item_ids=np.concatenate([s.item_ids for _, s in parts]), timestamps=None,
+        item_vocab=parts[0][1].item_vocab,
+        user_vocab=np.concatenate([np.char.add(f"{role}:", s.user_vocab) for role, s in parts]),
+        item_columns=parts[0][1].item_columns, source=parts[0][1].source.replace("/train.tsv", ""))
 
 
 def make_split(store: InteractionStore, data: DataConfig, source: str = "config") -> splits.Split:
     try:
         if data.split == "leave_one_out":
             return splits.leave_one_out(store, min_length=data.min_length)
+        if data.split == "llara":
+            return splits.llara_split(store, np.char.partition(store.user_vocab, ":")[:, 0])
         if data.split == "gap":
             return splits.gap_split(store, lapse=data.lapse)
         return splits.temporal_split(store, data.valid_start, data.test_start)

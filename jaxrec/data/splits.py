@@ -134,3 +134,30 @@ def temporal_split(store: InteractionStore, valid_start, test_start, min_history
     rule = "all" if targets == "all" else "first"
     return Split(protocol=f"temporal(valid_start={valid_start}, test_start={test_start}, targets={rule})",
                  train_end=train_end.astype(np.int64), valid=examples[0], tests={"test": examples[1]})
+
+
+LLARA_ROLES = ("train", "valid", "test")
+
+
+def llara_split(store: InteractionStore, roles: np.ndarray) -> Split:
+    """The split a LLaRA/iLoRA directory ships: each row (pseudo-user) has a fixed role.
+
+    roles [n_users] in {"train", "valid", "test"} (the file the row came from). A train
+    row is training data entirely; a valid/test row is one example (its history → its
+    last item) and is never trained on, as in the LLM methods that use these files.
+    Rows whose history is empty are not evaluated.
+    """
+    roles = np.asarray(roles).astype(str)
+    if roles.shape != (store.n_users,):
+        raise ValueError(f"llara_split needs one role per row ({store.n_users}), got shape {roles.shape}")
+    unknown = sorted(set(roles.tolist()) - set(LLARA_ROLES))
+    if unknown:
+        raise ValueError(f"unknown row roles {unknown}; expected {', '.join(LLARA_ROLES)}")
+    start, end = store.user_offsets[:-1], store.user_offsets[1:]
+    train_end = np.where(roles == "train", end, start).astype(np.int64)
+    examples = {}
+    for role in ("valid", "test"):
+        users = np.flatnonzero((roles == role) & (end - start >= 2))
+        examples[role] = _examples(store, users, end[users] - 1)
+    return Split(protocol="llara(rows of train/val/test files)", train_end=train_end, valid=examples["valid"],
+                 tests={"test": examples["test"]})
