@@ -67,6 +67,9 @@ def open_run(run_dir: str | Path, step: str = "best", overrides: Sequence[str] =
         raw["mesh"] = {**raw.get("mesh", {}), "data": -1, "fsdp": 1, "tensor": 1}
     config = build_config(raw, f"{run_dir}/checkpoints/{chosen}/config", {o.split('=')[0]: "cli" for o in overrides})
     session = Session(config)
+    check = getattr(session.task, "check_checkpoint", None)
+    if check is not None:   # a task with frozen inputs (e.g. a base LLM) refuses a checkpoint made with others
+        check(ckpts.read_json(chosen, "vocab"))
     tx = with_clipping(session.task.optimizer(schedule(config.train, max(config.train.steps, 1))),
                        config.train.grad_clip)
     _, boxed, shardings = session.state_layout(tx)
