@@ -1,0 +1,300 @@
+"""CaseQ vs its backbone under the gap protocol: accuracy with and without gap, and cost.
+
+For every cell (dataset, backbone, method, seed) it trains one run from
+configs/caseq/<dataset>_<backbone>.yaml (method "backbone" = the same config with
+model.contexts=1 model.kl_weight=0, which is exactly the backbone with the same data,
+negatives and optimiser), then evaluates the best checkpoint (selected by validation
+NDCG@10 under full ranking) under both protocols:
+
+  full      full ranking over all items, history included (jaxrec's default)
+  sampled   the paper's: target + 100 negatives avoiding the target and the user's
+            history, fixed by seed
+
+on the no-gap test ("test"), the gap test ("test_gap") and any intermediate gaps
+("test_gap<g>"). Each cell is appended to the JSON as soon as it finishes; rerunning
+skips finished cells (and an interrupted run resumes from its own checkpoint).
+
+    python scripts/bench_caseq.py                                   # ML-100K + ML-1M, 3 seeds
+    python scripts/bench_caseq.py --datasets synthetic              # the planted-shift experiment
+    python scripts/bench_caseq.py --datasets ml-100k --seeds 0 --quick   # smoke run
+    python scripts/bench_caseq.py --table                           # print the tables only
+
+Budgets are CPU-sized and labelled in the JSON (see BUDGETS); --official trains with the
+configs' own (official) budget instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DATASETS = ("synthetic", "ml-100k", "ml-1m")
+CONFIG_NAMES = {"synthetic": "synthetic", "ml-100k": "ml100k", "ml-1m": "ml1m"}
+# Reduced training budgets for a 2-core CPU (the configs hold the official recipe:
+# max_len 200, "last" windows, 301 epochs). Every result row carries its budget.
+BUDGETS = {
+    "synthetic": {"label": "config as is (400 steps)", "overrides": []},
+    "ml-100k": {"label": "max_len 50, chunk windows, 100 epochs (300 steps of 512)",
+                "overrides": ["data.max_len=50", "data.train_windows=chunks", "train.epochs=100",
+                              "train.eval_every=30", "train.log_every=10"]},
+    "ml-1m": {"label": "max_len 50, chunk windows, 10 epochs (380 steps of 512)",
+              "overrides": ["data.max_len=50", "data.train_windows=chunks", "train.epochs=10",
+                            "train.eval_every=38", "train.log_every=10"]},
+}
+QUICK = ["train.steps=4", "train.eval_every=2", "train.log_every=1"]
+METHODS = {"backbone": ["model.contexts=1", "model.kl_weight=0"], "caseq": [],
+           "caseq-kl0": ["model.kl_weight=0"]}   # ablation: the branches without the backdoor objective
+PROTOCOLS = {"full": [], "sampled": ["eval.candidates=sampled:100", "eval.exclude_history=true"]}
+REPORTED = ("ndcg@10", "hr@10", "context_entropy", "context_mix_entropy", "context", "examples")
+
+
+def cell_key(dataset, backbone, method, seed) -> str:
+    return f"{dataset}/{backbone}/{method}/seed{seed}"
+
+
+def seconds_per_step(run_dir: Path) -> float | None:
+    """Median wall time per step between consecutive train logs that no evaluation or
+    compilation falls into (the first window and windows holding an evaluation are skipped)."""
+    from jaxrec.train.reporting import read_metrics
+    records = read_metrics(run_dir)
+    evals = {r["step"] for r in records if r["kind"] == "valid"}
+    train = [r for r in records if r["kind"] == "train"]
+    rates = []
+    for a, b in zip(train[1:], train[2:]):
+        if not any(a["step"] <= s < b["step"] for s in evals) and b["step"] > a["step"]:
+            rates.append((b["time"] - a["time"]) / (b["step"] - a["step"]))
+    return statistics.median(rates) if rates else None
+
+
+def run_cell(dataset, backbone, method, seed, runs_dir: Path, quick: bool, official: bool) -> dict:
+    from jaxrec.config import load_config
+    from jaxrec.train.runs import evaluate_run
+    from jaxrec.train.trainer import train
+
+    config_path = REPO / "configs" / "caseq" / f"{CONFIG_NAMES[dataset]}_{backbone}.yaml"
+    run_dir = runs_dir / cell_key(dataset, backbone, method, seed).replace("/", "_")
+    budget = [] if official else BUDGETS[dataset]["overrides"]
+    overrides = [*budget, *(QUICK if quick else []), *METHODS[method], f"run.seed={seed}",
+                 f"run.dir={run_dir}", "train.progress=false"]
+    config = load_config(config_path, overrides)
+    started = time.time()
+    result = train(config)
+    train_seconds = time.time() - started
+    protocols = {"full": {split: _pick(values) for split, values in result.tests.items()}}
+    protocols["full"]["_label"] = result.protocols.get("test", "")
+    for name, extra in PROTOCOLS.items():
+        if name == "full":
+            continue
+        values = evaluate_run(run_dir, overrides=extra)
+        protocols[name] = {split: _pick(v) for split, v in values.items()}
+        newest = max(run_dir.glob("evaluate-step*.json"), key=lambda p: p.stat().st_mtime)
+        protocols[name]["_label"] = json.loads(newest.read_text())["protocols"].get("test", "")
+    from jaxrec.train.task import task_class
+    n_records = len(task_class(config.task)(config).train_records())
+    steps_per_epoch = max(1, n_records // config.train.batch_size)
+    per_step = seconds_per_step(run_dir)
+    return {"dataset": dataset, "backbone": backbone, "method": method, "seed": seed,
+            "config": str(config_path.relative_to(REPO)), "overrides": overrides,
+            "budget": "quick smoke run" if quick else ("official" if official else BUDGETS[dataset]["label"]),
+            "steps": result.steps, "best_step": result.best_step, "train_seconds": round(train_seconds, 1),
+            "seconds_per_step": per_step, "steps_per_epoch": steps_per_epoch,
+            "seconds_per_epoch": None if per_step is None else per_step * steps_per_epoch,
+            "protocols": protocols}
+
+
+def step_costs(dataset, backbone, rounds: int, quick: bool) -> dict:
+    """Steady-state seconds per training step of the backbone and of CaseQ, measured in
+    one process, round-robin (one step of each per round, median over rounds), so both
+    see the same machine load. Per epoch = per step x steps per epoch of the budget."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import flax.linen as nn
+    from jaxrec.config import load_config
+    from jaxrec.train.task import task_class
+
+    config_path = REPO / "configs" / "caseq" / f"{CONFIG_NAMES[dataset]}_{backbone}.yaml"
+    steps = {}
+    for method in ("backbone", "caseq"):
+        config = load_config(config_path, [*BUDGETS[dataset]["overrides"], *METHODS[method]])
+        task = task_class(config.task)(config)
+        records, transform, batch_size = task.train_records(), task.train_transform(), config.train.batch_size
+        rng = np.random.default_rng(0)
+        rows = [records[i % len(records)] for i in range(batch_size)]
+        rows = [transform(r, rng) for r in rows] if transform else rows
+        batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+        params = nn.unbox(jax.jit(lambda key, task=task: task.init(key).trainable)(jax.random.key(0)))
+        tx = optax.adam(config.train.lr, b1=config.train.b1, b2=config.train.b2)
+
+        def train_step(params, opt_state, batch, key, task=task, tx=tx):
+            grads, _ = jax.grad(lambda p: task.loss(p, {}, {}, batch, key), has_aux=True)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        fn = jax.jit(train_step, donate_argnums=(0, 1))
+        state = fn(params, tx.init(params), batch, jax.random.key(0))       # compile
+        jax.block_until_ready(state)
+        steps[method] = {"fn": fn, "state": state, "batch": batch, "times": [],
+                         "steps_per_epoch": max(1, len(records) // batch_size)}
+    for r in range(1 if quick else rounds):
+        for item in steps.values():
+            started = time.perf_counter()
+            item["state"] = item["fn"](*item["state"], item["batch"], jax.random.key(r + 1))
+            jax.block_until_ready(item["state"])
+            item["times"].append(time.perf_counter() - started)
+    out = {m: {"seconds_per_step": statistics.median(v["times"]), "steps_per_epoch": v["steps_per_epoch"],
+               "seconds_per_epoch": statistics.median(v["times"]) * v["steps_per_epoch"],
+               "step_times": [round(t, 4) for t in v["times"]]} for m, v in steps.items()}
+    out["ratio"] = out["caseq"]["seconds_per_step"] / out["backbone"]["seconds_per_step"]
+    return out
+
+
+def _pick(values: dict) -> dict:
+    return {k: values[k] for k in REPORTED if k in values}
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _mean_std(xs):
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _fmt(mean, std, digits=4, pct=False):
+    if mean is None:
+        return "-"
+    scale, unit = (100, "%") if pct else (1, "")
+    return f"{mean * scale:.{1 if pct else digits}f}{unit} ± {std * scale:.{1 if pct else digits}f}{unit}"
+
+
+def summarise(cells: dict) -> dict:
+    """Mean ± std over seeds per (dataset, backbone, method, protocol, metric)."""
+    groups: dict = {}
+    for cell in cells.values():
+        if "error" in cell:
+            continue
+        for protocol, splits in cell["protocols"].items():
+            splits = {k: v for k, v in splits.items() if not k.startswith("_")}
+            for metric in ("ndcg@10", "hr@10"):
+                no_gap = splits.get("test", {}).get(metric)
+                gaps = {s: v.get(metric) for s, v in splits.items() if s.startswith("test_gap")}
+                key = (cell["dataset"], cell["backbone"], cell["method"], protocol, metric)
+                g = groups.setdefault(key, {"no_gap": [], "gap": [], "drop": []})
+                g["no_gap"].append(no_gap)
+                g["gap"].append(gaps.get("test_gap"))
+                if no_gap and gaps.get("test_gap") is not None:
+                    g["drop"].append((no_gap - gaps["test_gap"]) / no_gap)
+                for s, v in gaps.items():
+                    if s != "test_gap":
+                        g.setdefault(s, []).append(v)
+    return {"|".join(map(str, k)): {name: _mean_std(v) + (len([x for x in v if x is not None]),)
+                                    for name, v in g.items()} for k, g in groups.items()}
+
+
+def tables(cells: dict, cost: dict | None = None) -> str:
+    summary = summarise(cells)
+    lines = []
+    for protocol in PROTOCOLS:
+        for metric in ("ndcg@10", "hr@10"):
+            rows = [(k.split("|"), v) for k, v in summary.items() if k.split("|")[3:] == [protocol, metric]]
+            if not rows:
+                continue
+            lines += [f"\n{metric.upper()} — {protocol} protocol (mean ± std over seeds)", "",
+                      "| dataset | backbone | method | seeds | no gap | gap | relative drop |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
+            for (dataset, backbone, method, *_), v in sorted(rows):
+                lines.append(f"| {dataset} | {backbone} | {method} | {v['no_gap'][2]} | {_fmt(*v['no_gap'][:2])} | "
+                             f"{_fmt(*v['gap'][:2])} | {_fmt(*v['drop'][:2], pct=True)} |")
+    if cost:
+        lines += ["\nTraining cost: steady-state step time, backbone and CaseQ measured round-robin in one process",
+                  "", "| dataset | backbone | steps/epoch | backbone s/epoch | CaseQ s/epoch | CaseQ / backbone |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for key, c in sorted(cost.items()):
+            dataset, backbone = key.split("/")
+            lines.append(f"| {dataset} | {backbone} | {c['backbone']['steps_per_epoch']} | "
+                         f"{c['backbone']['seconds_per_epoch']:.2f} | {c['caseq']['seconds_per_epoch']:.2f} | "
+                         f"{c['ratio']:.2f}× |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+def environment() -> dict:
+    import jax
+    import flax
+    import optax
+    return {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version(),
+            "cpu_count": __import__("os").cpu_count(), "jax": jax.__version__, "flax": flax.__version__,
+            "optax": optax.__version__, "devices": [str(d) for d in jax.devices()]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=["ml-100k", "ml-1m"], choices=DATASETS)
+    parser.add_argument("--backbones", nargs="+", default=["sasrec", "gru4rec"], choices=["sasrec", "gru4rec"])
+    parser.add_argument("--methods", nargs="+", default=["backbone", "caseq"], choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default=None,
+                        help="default results/bench_caseq.json (--quick: results/local/bench_caseq_quick.json)")
+    parser.add_argument("--runs-dir", default=str(REPO / "runs" / "bench_caseq"))
+    parser.add_argument("--quick", action="store_true", help="4 training steps per cell (a smoke run)")
+    parser.add_argument("--official", action="store_true", help="the configs' own (official) budget")
+    parser.add_argument("--table", action="store_true", help="only print the tables of --out")
+    parser.add_argument("--cost-rounds", type=int, default=10,
+                        help="round-robin steps per method for the cost measurement (0: skip it)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    out = Path(args.out or REPO / "results" / ("local/bench_caseq_quick.json" if args.quick else "bench_caseq.json"))
+    report = json.loads(out.read_text()) if out.exists() else {"cells": {}}
+    if args.table:
+        print(tables(report["cells"], report.get("cost")))
+        return 0
+    report.update(environment=environment(), budgets={k: v["label"] for k, v in BUDGETS.items()},
+                  protocols={"full": "full ranking, history included",
+                             "sampled": "target + 100 negatives avoiding target and history, seed 1234"},
+                  model_selection="best validation NDCG@10 under full ranking; both protocols read that checkpoint")
+    for dataset in args.datasets:
+        for backbone in args.backbones:
+            key = f"{dataset}/{backbone}"
+            if args.cost_rounds and key not in report.setdefault("cost", {}):
+                print(f"== cost {key}", flush=True)
+                report["cost"][key] = step_costs(dataset, backbone, args.cost_rounds, args.quick)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(report, indent=1))
+        for seed in args.seeds:
+            for backbone in args.backbones:
+                for method in args.methods:
+                    key = cell_key(dataset, backbone, method, seed)
+                    if key in report["cells"] and "error" not in report["cells"][key]:
+                        continue
+                    print(f"== {key}", flush=True)
+                    try:
+                        cell = run_cell(dataset, backbone, method, seed, Path(args.runs_dir), args.quick,
+                                        args.official)
+                    except Exception as e:   # one failed cell must not lose the others
+                        cell = {"error": f"{type(e).__name__}: {e}"}
+                        print(f"   failed: {cell['error']}", flush=True)
+                    report["cells"][key] = cell
+                    report["date"] = time.strftime("%Y-%m-%d")
+                    report["summary"] = summarise(report["cells"])
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps(report, indent=1))
+    print(tables(report["cells"], report.get("cost")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
