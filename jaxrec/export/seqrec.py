@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 import jaxrec
 from jaxrec.eval.ranking import top_k
+from jaxrec.methods.seqrec.task import score_space
 from jaxrec.models.encoder import build_sequence_model
 
 FORMAT = "jaxrec.seqrec/1"
@@ -35,6 +36,7 @@ def export_seqrec(task, params, out_dir: Path) -> list[str]:
     spec = {"format": FORMAT, "jaxrec_version": jaxrec.__version__, "backbone": m.backbone,
             "n_items": int(task.store.n_items), "max_len": d.max_len, "hidden": m.hidden, "layers": m.layers,
             "heads": m.heads, "inner": m.inner or None, "data_source": task.store.source,
+            "similarity": m.similarity, "temperature": m.temperature,
             "model_config": dataclasses.asdict(m)}
     paths = [out_dir / "model.safetensors", out_dir / "model.json", out_dir / "items.json"]
     if jax.process_index() == 0:
@@ -92,6 +94,8 @@ class Recommender:
         inputs = jnp.asarray(full[:, -self.spec["max_len"]:])
         query = self._encode(self.params, inputs).astype(jnp.float32)
         exclude = jnp.asarray(full) if exclude_history else None
-        scores, ids = top_k(query, self.params["item_embedding"].astype(jnp.float32), k, exclude)
+        query, table = score_space(query, self.params["item_embedding"].astype(jnp.float32),
+                                   self.spec.get("similarity", "dot"), self.spec.get("temperature", 1.0))
+        scores, ids = top_k(query, table, k, exclude)
         scores, ids = np.asarray(scores), np.asarray(ids)
         return [[(self.items[i], float(s)) for s, i in zip(srow, irow) if i > 0] for srow, irow in zip(scores, ids)]

@@ -37,7 +37,8 @@ class MetricsWriter:
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+                    # TensorBoard tags allow only [-/\w.]: "ndcg@10" is filed as "ndcg_10".
+                    self._tb.add_scalar(f"{kind}/{key}".replace("@", "_"), value, step)
 
     def close(self) -> None:
         if self.enabled:

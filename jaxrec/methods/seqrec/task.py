@@ -32,6 +32,8 @@ class SeqRecConfig:
     loss: Literal["ce", "sampled_softmax", "bce"] = "ce"
     negatives: int = 128           # sampled_softmax: shared uniform negatives per batch
     loss_chunk: int = 0            # ce: rows per logits block (0 = all rows at once)
+    similarity: Literal["dot", "cosine"] = "dot"   # cosine: scores = cos(h, e) / temperature
+    temperature: float = 0.05      # cosine only
 
     def validate(self) -> None:
         if self.hidden < 1 or self.layers < 1 or self.heads < 1:
@@ -42,6 +44,8 @@ class SeqRecConfig:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
         if self.loss == "sampled_softmax" and self.negatives < 1:
             raise ConfigError("negatives: sampled_softmax needs at least one negative")
+        if self.similarity == "cosine" and not self.temperature > 0:
+            raise ConfigError(f"temperature: must be positive, got {self.temperature}")
 
 
 class SampledEvalRecords:
@@ -126,17 +130,23 @@ class SeqRecTask(Task):
         h = self.model.apply({"params": params}, batch["inputs"], deterministic=False, last_only=self.last_only,
                              rngs={"dropout": dropout_rng})
         targets = batch["targets"][:, -1] if self.last_only else batch["targets"]
-        loss, metrics = self.loss_fn(h, params["item_embedding"], targets, None, loss_rng)
+        h, table = self.score_space(h, params["item_embedding"])
+        loss, metrics = self.loss_fn(h, table, targets, None, loss_rng)
         return loss, ({"weight": metrics["weight"]}, state)
 
     def eval_step(self, params, frozen, state, batch):
         query = self.model.apply({"params": params}, batch["inputs"], deterministic=True, last_only=True)
         return self.rank_metrics(params, query, batch)
 
+    def score_space(self, h, table):
+        """(h, table) whose dot products are the model's scores: raw for "dot"; unit vectors
+        with h scaled by 1/temperature for "cosine" (training and ranking share this)."""
+        return score_space(h, table, getattr(self.config.model, "similarity", "dot"),
+                           getattr(self.config.model, "temperature", 1.0))
+
     def rank_metrics(self, params, query, batch):
         """Per-example ranking metrics of the queries [B, H] under the configured protocol."""
-        query = query.astype(jnp.float32)
-        table = params["item_embedding"].astype(jnp.float32)
+        query, table = self.score_space(query.astype(jnp.float32), params["item_embedding"].astype(jnp.float32))
         if self.n_negatives is not None:
             ranks = sampled_ranks(query, table, batch["target"], batch["candidates"])
         else:
@@ -156,6 +166,15 @@ class SeqRecTask(Task):
     def export(self, params, frozen, state, out_dir):
         from jaxrec.export.seqrec import export_seqrec
         return export_seqrec(self, params, out_dir)
+
+
+def score_space(h, table, similarity: str, temperature: float):
+    if similarity == "dot":
+        return h, table
+    def unit(x):
+        return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x.astype(jnp.float32)), -1, keepdims=True),
+                                             1e-12)).astype(x.dtype)
+    return unit(h) / temperature, unit(table)
 
 
 def records_history(store, examples):
