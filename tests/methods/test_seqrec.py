@@ -25,3 +25,16 @@ def test_sasrec_reaches_the_synthetic_reference(tmp_path):
     assert ndcg >= 0.95 * refs["markov"]["NDCG@10"]
     assert ndcg >= 5 * refs["popularity"]["NDCG@10"]
     assert result.baselines["popularity"]["test"]["ndcg@10"] == pytest.approx(refs["popularity"]["NDCG@10"], abs=1e-6)
+
+
+def test_cosine_score_space_gives_cosine_over_temperature():
+    import numpy as np
+    from jaxrec.methods.seqrec.task import score_space
+    rng = np.random.default_rng(0)
+    h, table = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(7, 5)).astype(np.float32)
+    table[0] = 0.0     # the pad row must not produce NaNs
+    q, t = score_space(h, table, "cosine", 0.05)
+    expected = (h @ table.T) / np.linalg.norm(h, axis=1)[:, None] / np.maximum(np.linalg.norm(table, axis=1), 1e-6) / 0.05
+    np.testing.assert_allclose(np.asarray(q @ t.T), expected, rtol=1e-5, atol=1e-5)
+    same_q, same_t = score_space(h, table, "dot", 0.05)
+    assert same_q is h and same_t is table
