@@ -47,12 +47,14 @@ def run_job(config_path: str, overrides: list[str], target: float) -> dict:
     curve = [r for r in records if r["kind"] == "test_curve" and r.get("split") == "test"]
     reached = next((r for r in curve if r["ndcg@10"] >= target), None)
 
-    session, state, _, ckpts = open_run(result.run_dir, "best")
+    # The same checkpoint under the other history rule, so both numbers are on record.
+    flipped = f"eval.exclude_history={'false' if config.eval.exclude_history else 'true'}"
+    session, state, _, ckpts = open_run(result.run_dir, "best", [flipped])
     ckpts.close()
     evaluator = Evaluator(session.task, session.mesh, config.eval.batch_size, session.rules)
     test_set = session.task.eval_sets("test")[0]
-    session.task.evaluate(test_set, state.params, session.frozen, state.model_state, evaluator)  # compile
-    t0 = time.time()
+    other = session.task.evaluate(test_set, state.params, session.frozen, state.model_state, evaluator)
+    t0 = time.time()   # second pass: compiled, so this is the evaluation's own speed
     session.task.evaluate(test_set, state.params, session.frozen, state.model_state, evaluator)
     eval_seconds = time.time() - t0
     test = result.tests["test"]
@@ -67,6 +69,8 @@ def run_job(config_path: str, overrides: list[str], target: float) -> dict:
         "peak_rss_mib": round(peak_rss_mib(), 1), "best_step": result.best_step,
         "test_ndcg@10": test.get("ndcg@10"), "test_hr@10": test.get("hr@10"), "test": test,
         "protocol": result.protocols.get("test"),
+        "other_protocol": test_set.protocol,
+        "other_protocol_ndcg@10": other.get("ndcg@10"), "other_protocol_hr@10": other.get("hr@10"),
         "target_ndcg@10": target,
         "reached_target_at_train_seconds": reached["train_seconds"] if reached else None,
         "reached_target_at_step": reached["step"] if reached else None,
