@@ -126,7 +126,8 @@ class CaseQTask(SeqRecTask):
             options["negatives"] = batch["negatives"][:, -1:] if self.last_only else batch["negatives"]
         h_at = h[:, None] if self.last_only else h
         prediction, stats = self.loss_fn(h_at, params["item_embedding"], targets, None, loss_rng, **options)
-        metrics = {"targets": stats["weight"], "prediction_loss": prediction}
+        # Both terms are means over the target positions, so micro-batches combine exactly by that count.
+        metrics = {"weight": stats["weight"], "prediction_loss": prediction}
         if not self.uses_prior:
             return prediction, (metrics, state)
         kl = context_kl(path_distribution(gates), self.prior(params, prior_rng), targets > 0)
