@@ -40,6 +40,16 @@ def test_evaluate_on_one_device_matches_training_report(trained_on_8):
     assert saved["results"]["test"]["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-5)
 
 
+def test_a_copied_run_evaluates_where_it_now_is(trained_on_8, tmp_path, capsys):
+    import shutil
+    copy = tmp_path / "moved"
+    shutil.copytree(trained_on_8, copy, ignore=shutil.ignore_patterns("evaluate-step*.json"))
+    before = sorted(p.name for p in trained_on_8.iterdir())
+    assert main(["evaluate", str(copy), "eval.candidates=sampled:20"]) == 0
+    assert list(copy.glob("evaluate-step*.json"))
+    assert sorted(p.name for p in trained_on_8.iterdir()) == before   # the original is left untouched
+
+
 def test_sampled_protocol_is_labelled_and_seeded(trained_on_8, capsys):
     args = ["evaluate", str(trained_on_8), "eval.candidates=sampled:20", "eval.exclude_history=true"]
     assert main(args) == 0

@@ -61,6 +61,8 @@ def open_run(run_dir: str | Path, step: str = "best", overrides: Sequence[str] =
             raise ConfigError(f"command line: {text.split('=')[0]}: cannot be changed when evaluating a checkpoint "
                               f"(allowed: {', '.join(_EVALUATE_OVERRIDABLE)})")
     apply_overrides(raw, overrides)
+    # A run directory can be moved or copied: it is where it was found, not where it was trained.
+    raw.setdefault("run", {})["dir"] = str(run_dir)
     if not any(o.startswith("mesh.") for o in overrides) and not _mesh_fits(raw.get("mesh", {})):
         log.info("the run's mesh %s does not fit the %d devices here; evaluating data-parallel instead",
                  raw.get("mesh"), jax.device_count())
