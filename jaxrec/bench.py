@@ -12,6 +12,9 @@ from pathlib import Path
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "transformers", "torch")
 
 
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or "unknown"
     try:
@@ -46,6 +49,9 @@ def write_json(path: str | Path, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    text = json.dumps(payload, indent=2, default=str)
+    # Results are committed: paths inside the checkout are written relative to it.
+    text = text.replace(str(_REPO_ROOT) + os.sep, "")
+    tmp.write_text(text + "\n", encoding="utf-8")
     tmp.replace(path)   # atomic: a killed benchmark never leaves half a file behind
     return path
