@@ -338,7 +338,7 @@ def _batch(task, n=4, seed=0):
 
 
 def test_loss_is_the_cross_entropy_of_the_target_title_and_newline(inputs):
-    task, frozen = _task(inputs, curriculum=False, lora_dropout=0.0)
+    task, frozen = _task(inputs, curriculum=False, lora_dropout=0.0, gate="mlp")
     variables = _init(task)
     params = dict(variables.trainable)
     params["adapters"] = jax.tree.map(lambda x: 0.3 * jax.random.normal(jax.random.key(1), x.shape),
@@ -379,10 +379,10 @@ def test_loss_is_the_cross_entropy_of_the_target_title_and_newline(inputs):
             total += np.log(np.exp(row - row.max()).sum()) + row.max() - row[record["tokens"][t]]
             count += 1
     assert float(loss) == pytest.approx(total / count, rel=1e-4)
-    assert float(metrics["hybrid"]) == 1.0 and int(new_state["step"]) == 1
-    assert not _same(new_state["gate_stats"], state["gate_stats"])      # router BatchNorm saw the batch
+    assert float(metrics["hybrid"]) == 1.0 and int(new_state["step"]) == 1 and "weight" not in metrics
 
 
+@pytest.mark.slow   # compiles a second, accumulating train step
 def test_accumulated_micro_batches_average_their_losses_as_the_official_code(inputs):
     from jaxrec.train.session import make_train_step
     task, frozen = _task(inputs, curriculum=False, lora_dropout=0.0, gate="linear")

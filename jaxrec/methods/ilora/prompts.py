@@ -20,6 +20,7 @@ in text-only prompts one frozen "[PH]" vector), so the model can never emit them
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -93,6 +94,9 @@ class PromptEncoder:
         self.templates = tuple(t.replace("{K}", str(n_candidates)) for t in TEMPLATES[domain])
         self.n_candidates, self.max_history, self.max_length, self.pad_id = (
             n_candidates, max_history, max_length, pad_id)
+        # transformers re-applies its truncation/padding settings on the Rust tokenizer at
+        # every call; concurrent calls from Grain's reader threads can collide ("Already borrowed").
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ text
     def text(self, template: int, history: Sequence[str], candidates: Sequence[str],
@@ -102,8 +106,9 @@ class PromptEncoder:
         out = out.replace(HISTORY_SLOT, ", ".join(f"{t} {history_token}" for t in history))
         return out.replace(CANDIDATES_SLOT, ", ".join(f"{t} {candidate_token}" for t in candidates))
 
-    def ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+    def ids(self, text: str, special: bool = True) -> list[int]:
+        with self._lock:
+            return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
     def continuation(self, prompt_ids: list[int], prompt: str, title: str) -> list[int]:
         """Tokens of " title\\n" as they follow the prompt in a joint tokenization."""
@@ -111,7 +116,7 @@ class PromptEncoder:
         joint = self.ids(prompt + answer)
         if joint[:len(prompt_ids)] == prompt_ids:
             return joint[len(prompt_ids):]
-        return self.tokenizer(answer, add_special_tokens=False)["input_ids"]   # boundary merged: encode alone
+        return self.ids(answer, special=False)   # the boundary merged: encode the answer alone
 
     # ------------------------------------------------------------------ arrays
     def encode(self, template: int, history: Sequence[str], candidates: Sequence[str],
