@@ -256,6 +256,7 @@ def main(argv=None) -> int:
                         help="round-robin steps per method for the cost measurement (0: skip it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    from jaxrec.bench import write_json
 
     out = Path(args.out or REPO / "results" / ("local/bench_caseq_quick.json" if args.quick else "bench_caseq.json"))
     report = json.loads(out.read_text()) if out.exists() else {"cells": {}}
@@ -272,8 +273,7 @@ def main(argv=None) -> int:
             if args.cost_rounds and key not in report.setdefault("cost", {}):
                 print(f"== cost {key}", flush=True)
                 report["cost"][key] = step_costs(dataset, backbone, args.cost_rounds, args.quick)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(report, indent=1))
+                write_json(out, report)
         for seed in args.seeds:
             for backbone in args.backbones:
                 for method in args.methods:
@@ -290,8 +290,7 @@ def main(argv=None) -> int:
                     report["cells"][key] = cell
                     report["date"] = time.strftime("%Y-%m-%d")
                     report["summary"] = summarise(report["cells"])
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_text(json.dumps(report, indent=1))
+                    write_json(out, report)
     print(tables(report["cells"], report.get("cost")))
     return 0
 
