@@ -14,7 +14,7 @@ All four are evaluated on the 122 test examples with the same 20 candidates per 
 (fixed by seed): greedy generation (ValidRatio, HR@1 over valid outputs = the official
 number, HR@1 over all examples) and likelihood ranking of the 20 titles.
 
-    python scripts/bench_ilora.py                  # the CPU budget (~2.5 h on 2 cores)
+    python scripts/bench_ilora.py                  # the CPU budget (about 1 h on 2 quiet cores)
     python scripts/bench_ilora.py --quick          # smoke run: 2 steps, 4 test examples
     python scripts/bench_ilora.py --table          # print the table of an existing JSON
 """
