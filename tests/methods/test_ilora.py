@@ -450,3 +450,23 @@ def test_movielens_rows_follow_the_llara_construction(tmp_path):
     assert rows(splits["test"]) == [list(s[-5:]) for s in sequences[18:]]    # the latest 10%: last item + 4 before
     assert rows(splits["valid"]) == [list(s[-5:]) for s in sequences[16:18]]
     assert splits["train"].item_columns["title"][1] == "The Movie 1"   # cleaned once; id 0 on disk = item 1
+
+
+def test_movielens_1m_files_build_a_llara_directory(tmp_path, capsys):
+    """GroupLens ML-1M input (ratings.dat + movies.dat, Latin-1 titles) through the command."""
+    from jaxrec.data.llara import read_llara
+    from jaxrec.methods.ilora.movielens import main as build
+    src = tmp_path / "ml-1m"
+    src.mkdir()
+    ratings = [(u, m, 1000 * u + t) for u in range(1, 11) for t, m in enumerate((u % 3 + 1, 4, 5, 6, 8 if u == 1 else 7))]
+    (src / "ratings.dat").write_text("".join(f"{u}::{m}::4::{ts}\n" for u, m, ts in reversed(ratings)))
+    movies = "".join(f"{m}::Movie {m}, The (1999)::Drama\n" for m in range(1, 8)) + "8::Caf\xe9 (2000)::Comedy\n"
+    (src / "movies.dat").write_bytes(movies.encode("latin-1"))
+    assert build([str(src), str(tmp_path / "out")]) == 0
+    splits = read_llara(tmp_path / "out")
+    assert splits["train"].n_users == 8 * 4             # users 1-8 rated last earliest: 4 prefixes each
+    assert splits["test"].sequence(0).tolist()[-1] == splits["test"].item_columns["title"].tolist().index("The Movie 7")
+    titles = set(splits["train"].item_columns["title"][1:])
+    assert "The Movie 4" in titles and "Caf\xe9" in titles
+    assert build([str(tmp_path / "out"), str(tmp_path / "again")]) == 2
+    assert "no timestamped ratings" in capsys.readouterr().err and not (tmp_path / "again").exists()

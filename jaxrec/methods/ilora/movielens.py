@@ -2,7 +2,7 @@
 
 LLaRA's MovieLens files are not public in a readable form, so this rebuilds the set the
 LLaRA way from a RecBole ML-100K (`ml-100k.inter` with timestamps + `ml-100k.item`
-titles) and writes a LLaRA directory (train.tsv, val.tsv, test.tsv, id2name.txt) that
+titles) or a GroupLens ML-1M (`ratings.dat` + `movies.dat`) and writes a LLaRA directory (train.tsv, val.tsv, test.tsv, id2name.txt) that
 `task: ilora` and the `data.split: llara` SASRec guide both read:
 
 - each user's ratings (all ratings, implicit) in time order, ties kept in file order;
@@ -19,12 +19,16 @@ titles) and writes a LLaRA directory (train.tsv, val.tsv, test.tsv, id2name.txt)
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from jaxrec.data.store import InteractionStore
+
+# ML-1M's movies.dat puts the year inside the title; ML-100K's RecBole titles have none.
+_RELEASE_YEAR = re.compile(r"\s*\(\d{4}\)$")
 
 
 def llara_rows(store: InteractionStore, max_history: int = 10, fractions=(0.8, 0.1, 0.1)):
@@ -59,21 +63,36 @@ def write_llara_dir(store: InteractionStore, out_dir: str | Path, max_history: i
     for name, entries in rows.items():
         lines = ["seq\tnext"] + [" ".join(str(i - 1) for i in h) + f"\t{n - 1}" for h, n in entries]
         (out / f"{name}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    names = [f"{i - 1}::{titles[i]}" for i in range(1, store.n_items + 1)]
+    names = [f"{i - 1}::{_RELEASE_YEAR.sub('', str(titles[i]))}" for i in range(1, store.n_items + 1)]
     (out / "id2name.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
     return {name: len(entries) for name, entries in rows.items()}
 
 
+def ratings_file(source: Path) -> Path:
+    """The timestamped ratings in `source`: a RecBole `.inter` or GroupLens `ratings.dat` file,
+    or a directory holding `<name>.inter` or `ratings.dat`."""
+    if not source.is_dir():
+        return source
+    for candidate in (source / f"{source.name}.inter", source / "ratings.dat", *sorted(source.glob("*.inter"))):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{source}: no timestamped ratings (<name>.inter or ratings.dat); "
+                            "SASRec-style pair files carry no timestamps and cannot be split by time")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build a LLaRA-format MovieLens directory from RecBole ML-100K.")
-    parser.add_argument("source", help="the RecBole ml-100k directory (ml-100k.inter + ml-100k.item) or the .inter file")
+    parser = argparse.ArgumentParser(description="Build a LLaRA-format MovieLens directory from ML-100K or ML-1M.")
+    parser.add_argument("source", help="a RecBole directory or .inter file (ML-100K: ml-100k.inter + ml-100k.item), "
+                                       "or a GroupLens directory or ratings.dat (ML-1M: ratings.dat + movies.dat)")
     parser.add_argument("out_dir")
     parser.add_argument("--max-history", type=int, default=10)
     args = parser.parse_args(argv)
-    from jaxrec.data.readers import read_recbole
-    source = Path(args.source)
-    inter = source / f"{source.name}.inter" if source.is_dir() else source
-    counts = write_llara_dir(read_recbole(inter), args.out_dir, args.max_history)
+    from jaxrec.data.readers import read_interactions
+    try:
+        counts = write_llara_dir(read_interactions(ratings_file(Path(args.source))), args.out_dir, args.max_history)
+    except (OSError, ValueError) as e:   # DataFormatError is a ValueError: name the file, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{args.out_dir}: " + ", ".join(f"{k} {v:,} rows" for k, v in counts.items()))
     return 0
 
