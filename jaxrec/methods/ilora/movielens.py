@@ -2,8 +2,9 @@
 
 LLaRA's MovieLens files are not public in a readable form, so this rebuilds the set the
 LLaRA way from a RecBole ML-100K (`ml-100k.inter` with timestamps + `ml-100k.item`
-titles) or a GroupLens ML-1M (`ratings.dat` + `movies.dat`) and writes a LLaRA directory (train.tsv, val.tsv, test.tsv, id2name.txt) that
-`task: ilora` and the `data.split: llara` SASRec guide both read:
+titles) or a GroupLens ML-1M (`ratings.dat` + `movies.dat`) and writes a LLaRA
+directory (train.tsv, val.tsv, test.tsv, id2name.txt) that `task: ilora` and the
+`data.split: llara` SASRec guide both read:
 
 - each user's ratings (all ratings, implicit) in time order, ties kept in file order;
 - users are split 8:1:1 *chronologically*: ordered by the time of their last rating,
