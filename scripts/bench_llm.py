@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--decode-repeats", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers + peft side")
-    ap.add_argument("--out", default="results/local/bench_llm.json")
+    ap.add_argument("--out", default="results/bench_llm.json")
     args = ap.parse_args(argv)
     args.model = args.model or default_model()
 
