@@ -253,6 +253,26 @@ def test_loss_is_prediction_plus_weighted_kl_and_trains():
     assert "kl" not in m0 and not no_kl.uses_prior
 
 
+def test_cosine_similarity_trains_on_the_scores_it_ranks_with():
+    task = _task(backbone="sasrec", contexts=3, kl_weight=0.0, loss="ce", dropout=0.0,
+                 similarity="cosine", temperature=0.1)
+    params = _random_params(task.model, scale=0.3)
+    records = task.train_records()
+    assert task.train_transform() is None            # CE needs no negatives from the pipeline
+    rows = [records[i] for i in range(4)]
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in ("inputs", "targets")}
+    loss, _ = task.loss(params, {}, {}, batch, jax.random.key(0))
+    h, _ = task.forward(params, batch["inputs"], deterministic=True, last_only=False)
+    h, table = np.asarray(h, np.float64), np.asarray(params["item_embedding"], np.float64)
+    scores = (h / np.linalg.norm(h, axis=-1, keepdims=True)) @ (
+        table / np.maximum(np.linalg.norm(table, axis=-1, keepdims=True), 1e-6)).T / 0.1
+    targets = np.asarray(batch["targets"])
+    valid = targets > 0
+    expected, _ = task.loss_fn(jnp.asarray(scores, jnp.float32), jnp.eye(scores.shape[-1], dtype=jnp.float32),
+                               batch["targets"], None, jax.random.key(1))
+    assert valid.any() and float(loss) == pytest.approx(float(expected), rel=1e-4)
+
+
 # ----------------------------------------------------------------------------- negatives and config
 
 def test_negatives_are_uniform_over_items_outside_the_training_history():

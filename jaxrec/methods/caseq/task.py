@@ -124,8 +124,8 @@ class CaseQTask(SeqRecTask):
         options = {}
         if "negatives" in batch:
             options["negatives"] = batch["negatives"][:, -1:] if self.last_only else batch["negatives"]
-        h_at = h[:, None] if self.last_only else h
-        prediction, stats = self.loss_fn(h_at, params["item_embedding"], targets, None, loss_rng, **options)
+        h_at, table = self.score_space(h[:, None] if self.last_only else h, params["item_embedding"])
+        prediction, stats = self.loss_fn(h_at, table, targets, None, loss_rng, **options)
         # Both terms are means over the target positions, so micro-batches combine exactly by that count.
         metrics = {"weight": stats["weight"], "prediction_loss": prediction}
         if not self.uses_prior:

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxrec.methods.ilora.metrics import candidate_ranks, generation_metrics, generation_outcomes, ranking_metrics
 from jaxrec.methods.ilora.records import EvalData
+from jaxrec.methods.seqrec.task import score_space
 from jaxrec.models.generate import greedy_generate, score_continuations
 from jaxrec.train import mesh as mesh_lib
 from jaxrec.train import pipeline
@@ -90,12 +91,15 @@ def evaluate(task, data: EvalData, params: Any, frozen: Any, state: Any, mesh, r
 
 
 def sasrec_metrics(task, data: EvalData, ks: Sequence[int]) -> dict[str, Any]:
-    """The frozen guide ranking each example's candidates by <h, e_item> (ties count against the target)."""
+    """The frozen guide ranking each example's candidates by its own scores (<h, e_item>, or cosine
+    when the guide was trained that way); ties count against the target."""
     guide = task.guide
     h = jax.jit(lambda p, x: guide.model.apply({"params": p}, x, deterministic=True, last_only=True))(
         guide.params, jnp.asarray(data.arrays["history"]))
-    table = np.asarray(guide.params["item_embedding"], np.float32)
-    scores = np.einsum("nd,nkd->nk", np.asarray(h, np.float32), table[data.arrays["items"][:, task.m.max_history:]])
+    h, table = score_space(jnp.asarray(h, jnp.float32), jnp.asarray(guide.params["item_embedding"], jnp.float32),
+                           guide.similarity, guide.temperature)
+    candidates = np.asarray(table)[data.arrays["items"][:, task.m.max_history:]]
+    scores = np.einsum("nd,nkd->nk", np.asarray(h), candidates)
     ranks = candidate_ranks(scores, data.arrays["target_index"])
     top1 = float((ranks == 1).mean())
     return {"valid_ratio": 1.0, "hr@1": top1, "hr@1_valid": top1, **ranking_metrics(ranks, ks), "examples": len(data)}

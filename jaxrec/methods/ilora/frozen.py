@@ -63,6 +63,8 @@ class Guide:
     item_vocab: np.ndarray
     hidden: int
     sha256: str
+    similarity: str = "dot"    # how the guide scores items (seqrec `model.similarity`)
+    temperature: float = 1.0
 
 
 def load_guide(run_dir: str | Path) -> Guide:
@@ -76,4 +78,5 @@ def load_guide(run_dir: str | Path) -> Guide:
     params = jax.device_get(nn.unbox(state.params))
     return Guide(run_dir=str(Path(run_dir)), step=int(step), model=task.model, params=params,
                  item_vocab=task.store.item_vocab, hidden=int(params["item_embedding"].shape[1]),
-                 sha256=params_sha256(params))
+                 sha256=params_sha256(params), similarity=task.config.model.similarity,
+                 temperature=task.config.model.temperature)

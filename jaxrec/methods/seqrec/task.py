@@ -141,8 +141,7 @@ class SeqRecTask(Task):
     def score_space(self, h, table):
         """(h, table) whose dot products are the model's scores: raw for "dot"; unit vectors
         with h scaled by 1/temperature for "cosine" (training and ranking share this)."""
-        return score_space(h, table, getattr(self.config.model, "similarity", "dot"),
-                           getattr(self.config.model, "temperature", 1.0))
+        return score_space(h, table, self.config.model.similarity, self.config.model.temperature)
 
     def rank_metrics(self, params, query, batch):
         """Per-example ranking metrics of the queries [B, H] under the configured protocol."""
