@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import math
-import platform
 import statistics
 import sys
 import time
@@ -231,15 +230,6 @@ def tables(cells: dict, cost: dict | None = None) -> str:
 
 # ----------------------------------------------------------------------------- main
 
-def environment() -> dict:
-    import jax
-    import flax
-    import optax
-    return {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version(),
-            "cpu_count": __import__("os").cpu_count(), "jax": jax.__version__, "flax": flax.__version__,
-            "optax": optax.__version__, "devices": [str(d) for d in jax.devices()]}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["ml-100k", "ml-1m"], choices=DATASETS)
@@ -256,14 +246,15 @@ def main(argv=None) -> int:
                         help="round-robin steps per method for the cost measurement (0: skip it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from jaxrec.bench import write_json
+    from jaxrec.bench import machine_info, write_json
 
     out = Path(args.out or REPO / "results" / ("local/bench_caseq_quick.json" if args.quick else "bench_caseq.json"))
     report = json.loads(out.read_text()) if out.exists() else {"cells": {}}
     if args.table:
         print(tables(report["cells"], report.get("cost")))
         return 0
-    report.update(environment=environment(), budgets={k: v["label"] for k, v in BUDGETS.items()},
+    report.pop("environment", None)   # older files: the same facts, now under "machine" as in every benchmark
+    report.update(machine=machine_info(), budgets={k: v["label"] for k, v in BUDGETS.items()},
                   protocols={"full": "full ranking, history included",
                              "sampled": "target + 100 negatives avoiding target and history, seed 1234"},
                   model_selection="best validation NDCG@10 under full ranking; both protocols read that checkpoint")
