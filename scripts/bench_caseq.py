@@ -110,10 +110,20 @@ def run_cell(dataset, backbone, method, seed, runs_dir: Path, quick: bool, offic
             "protocols": protocols}
 
 
-def step_costs(dataset, backbone, rounds: int, quick: bool) -> dict:
-    """Steady-state seconds per training step of the backbone and of CaseQ, measured in
-    one process, round-robin (one step of each per round, median over rounds), so both
-    see the same machine load. Per epoch = per step x steps per epoch of the budget."""
+COST_LOSSES = {"bce": [], "ce": ["model.loss=ce"]}   # the official loss, and the spine's full-softmax CE
+
+
+def step_costs(dataset, backbone, rounds: int, quick: bool, loss: str = "bce", official: bool = False) -> dict:
+    """Steady-state seconds per training step of the backbone, of the backbone with one
+    layer, and of CaseQ, measured in one process, round-robin (one step of each per round,
+    median over rounds), so all see the same machine load. Per epoch = per step x steps per
+    epoch of the budget.
+
+    The one-layer backbone prices a layer, t_layer = t(backbone) - t(1 layer). CaseQ runs C
+    units per level where the backbone runs one, so C independent copies of every layer
+    would cost naive = 1 + (C - 1) * levels * t_layer / t(backbone). Below naive, XLA shares
+    work between the C units of a level (they all read the same input); above it, the
+    gates, the mixing and the prior cost more than that saves."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -123,9 +133,12 @@ def step_costs(dataset, backbone, rounds: int, quick: bool) -> dict:
     from jaxrec.train.task import task_class
 
     config_path = REPO / "configs" / "caseq" / f"{CONFIG_NAMES[dataset]}_{backbone}.yaml"
+    budget = [] if official else BUDGETS[dataset]["overrides"]
+    variants = {"backbone": METHODS["backbone"], "backbone_one_layer": [*METHODS["backbone"], "model.layers=1"],
+                "caseq": METHODS["caseq"]}
     steps = {}
-    for method in ("backbone", "caseq"):
-        config = load_config(config_path, [*BUDGETS[dataset]["overrides"], *METHODS[method]])
+    for method, overrides in variants.items():
+        config = load_config(config_path, [*budget, *COST_LOSSES[loss], *overrides])
         task = task_class(config.task)(config)
         records, transform, batch_size = task.train_records(), task.train_transform(), config.train.batch_size
         rng = np.random.default_rng(0)
@@ -145,6 +158,7 @@ def step_costs(dataset, backbone, rounds: int, quick: bool) -> dict:
         jax.block_until_ready(state)
         steps[method] = {"fn": fn, "state": state, "batch": batch, "times": [],
                          "steps_per_epoch": max(1, len(records) // batch_size)}
+    model = config.model          # CaseQ's: the last variant built
     for r in range(1 if quick else rounds):
         for item in steps.values():
             started = time.perf_counter()
@@ -154,7 +168,14 @@ def step_costs(dataset, backbone, rounds: int, quick: bool) -> dict:
     out = {m: {"seconds_per_step": statistics.median(v["times"]), "steps_per_epoch": v["steps_per_epoch"],
                "seconds_per_epoch": statistics.median(v["times"]) * v["steps_per_epoch"],
                "step_times": [round(t, 4) for t in v["times"]]} for m, v in steps.items()}
-    out["ratio"] = out["caseq"]["seconds_per_step"] / out["backbone"]["seconds_per_step"]
+    t_backbone = out["backbone"]["seconds_per_step"]
+    t_layer = max(0.0, t_backbone - out["backbone_one_layer"]["seconds_per_step"])
+    out.update(loss=loss, max_len=config.data.max_len, batch_size=config.train.batch_size,
+               budget="official" if official else BUDGETS[dataset]["label"], contexts=model.contexts,
+               levels=model.layers, rounds=1 if quick else rounds,
+               ratio=out["caseq"]["seconds_per_step"] / t_backbone,
+               layer_share=model.layers * t_layer / t_backbone,
+               naive_ratio=1 + (model.contexts - 1) * model.layers * t_layer / t_backbone)
     return out
 
 
@@ -217,14 +238,20 @@ def tables(cells: dict, cost: dict | None = None) -> str:
                 lines.append(f"| {dataset} | {backbone} | {method} | {v['no_gap'][2]} | {_fmt(*v['no_gap'][:2])} | "
                              f"{_fmt(*v['gap'][:2])} | {_fmt(*v['drop'][:2], pct=True)} |")
     if cost:
-        lines += ["\nTraining cost: steady-state step time, backbone and CaseQ measured round-robin in one process",
-                  "", "| dataset | backbone | steps/epoch | backbone s/epoch | CaseQ s/epoch | CaseQ / backbone |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for key, c in sorted(cost.items()):
-            dataset, backbone = key.split("/")
-            lines.append(f"| {dataset} | {backbone} | {c['backbone']['steps_per_epoch']} | "
+        lines += ["\nTraining cost: steady-state step time (median of round-robin steps in one process). "
+                  "Naive = 1 + (C - 1) x levels x (one layer's time) / (backbone step): "
+                  "C separate copies of every layer",
+                  "", "| dataset | backbone | loss | max_len | steps/epoch | backbone s/epoch | CaseQ s/epoch "
+                  "| CaseQ / backbone | layers' share of a backbone step | naive |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for key, c in sorted(cost.items(), key=lambda kv: (kv[1].get("max_len", 50), kv[0])):
+            dataset, backbone = key.split("/")[:2]
+            share = f"{c['layer_share']:.0%}" if "layer_share" in c else "–"
+            naive = f"{c['naive_ratio']:.2f}×" if "naive_ratio" in c else "–"
+            lines.append(f"| {dataset} | {backbone} | {c.get('loss', 'bce')} | {c.get('max_len', 50)} | "
+                         f"{c['backbone']['steps_per_epoch']} | "
                          f"{c['backbone']['seconds_per_epoch']:.2f} | {c['caseq']['seconds_per_epoch']:.2f} | "
-                         f"{c['ratio']:.2f}× |")
+                         f"{c['ratio']:.2f}× | {share} | {naive} |")
     return "\n".join(lines)
 
 
@@ -242,8 +269,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="4 training steps per cell (a smoke run)")
     parser.add_argument("--official", action="store_true", help="the configs' own (official) budget")
     parser.add_argument("--table", action="store_true", help="only print the tables of --out")
-    parser.add_argument("--cost-rounds", type=int, default=10,
+    parser.add_argument("--cost-rounds", type=int, default=20,
                         help="round-robin steps per method for the cost measurement (0: skip it)")
+    parser.add_argument("--cost-losses", nargs="+", default=["bce"], choices=list(COST_LOSSES),
+                        help="losses to measure the cost under (bce: the official recipe; ce: full softmax)")
+    parser.add_argument("--cost-only", action="store_true", help="measure (or re-measure) the cost and train no cell")
+    parser.add_argument("--remeasure-cost", action="store_true", help="replace cost entries already in --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from jaxrec.bench import machine_info, write_json
@@ -260,12 +291,15 @@ def main(argv=None) -> int:
                   model_selection="best validation NDCG@10 under full ranking; both protocols read that checkpoint")
     for dataset in args.datasets:
         for backbone in args.backbones:
-            key = f"{dataset}/{backbone}"
-            if args.cost_rounds and key not in report.setdefault("cost", {}):
-                print(f"== cost {key}", flush=True)
-                report["cost"][key] = step_costs(dataset, backbone, args.cost_rounds, args.quick)
-                write_json(out, report)
-        for seed in args.seeds:
+            for loss in args.cost_losses:
+                key = "/".join([dataset, backbone] + ([] if loss == "bce" else [loss])
+                               + (["official"] if args.official else []))
+                cost = report.setdefault("cost", {})
+                if args.cost_rounds and (key not in cost or args.remeasure_cost):
+                    print(f"== cost {key}", flush=True)
+                    cost[key] = step_costs(dataset, backbone, args.cost_rounds, args.quick, loss, args.official)
+                    write_json(out, report)
+        for seed in ([] if args.cost_only else args.seeds):
             for backbone in args.backbones:
                 for method in args.methods:
                     key = cell_key(dataset, backbone, method, seed)
