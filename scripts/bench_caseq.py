@@ -163,9 +163,8 @@ def step_costs(dataset, backbone, rounds: int, quick: bool, loss: str = "bce", o
         fn = jax.jit(train_step, donate_argnums=(0, 1))
         state = fn(params, tx.init(params), batch, jax.random.key(0))       # compile
         jax.block_until_ready(state)
-        steps[method] = {"fn": fn, "state": state, "batch": batch, "times": [],
+        steps[method] = {"fn": fn, "state": state, "batch": batch, "times": [], "config": config,
                          "steps_per_epoch": max(1, len(records) // batch_size)}
-    model = config.model          # CaseQ's: the last variant built
     for r in range(1 if quick else rounds):
         for item in steps.values():
             started = time.perf_counter()
@@ -175,14 +174,16 @@ def step_costs(dataset, backbone, rounds: int, quick: bool, loss: str = "bce", o
     out = {m: {"seconds_per_step": statistics.median(v["times"]), "steps_per_epoch": v["steps_per_epoch"],
                "seconds_per_epoch": statistics.median(v["times"]) * v["steps_per_epoch"],
                "step_times": [round(t, 4) for t in v["times"]]} for m, v in steps.items()}
+    caseq = steps["caseq"]["config"]
     t_backbone = out["backbone"]["seconds_per_step"]
     t_layer = max(0.0, t_backbone - out["backbone_one_layer"]["seconds_per_step"])
-    out.update(loss=loss, max_len=config.data.max_len, batch_size=config.train.batch_size,
-               budget="official" if official else BUDGETS[dataset]["label"], contexts=model.contexts,
-               levels=model.layers, rounds=1 if quick else rounds,
+    contexts, levels = caseq.model.contexts, caseq.model.layers
+    out.update(loss=loss, max_len=caseq.data.max_len, batch_size=caseq.train.batch_size,
+               budget="official" if official else BUDGETS[dataset]["label"], contexts=contexts,
+               levels=levels, rounds=1 if quick else rounds,
                ratio=out["caseq"]["seconds_per_step"] / t_backbone,
-               layer_share=model.layers * t_layer / t_backbone,
-               naive_ratio=1 + (model.contexts - 1) * model.layers * t_layer / t_backbone)
+               layer_share=levels * t_layer / t_backbone,
+               naive_ratio=1 + (contexts - 1) * levels * t_layer / t_backbone)
     return out
 
 
