@@ -19,10 +19,11 @@ Rules shared by every kernel:
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxrec.sharding import constrain
 
 NO_RANK = jnp.iinfo(jnp.int32).max
 
@@ -38,7 +39,7 @@ def _chunked_items(table: jax.Array, chunk: int):
     n_chunks = -(-n_cand // chunk)
     items = jnp.pad(table[1:], ((0, n_chunks * chunk - n_cand), (0, 0)))
     items = items.reshape(n_chunks, chunk, table.shape[1])
-    return nn.with_logical_constraint(items, (None, "items", None)), chunk
+    return constrain(items, (None, "items", None)), chunk
 
 
 def _excluded(exclude: jax.Array, start, chunk: int) -> jax.Array:
@@ -58,7 +59,7 @@ def _scores(query, block):
 def target_ranks(query: jax.Array, table: jax.Array, targets: jax.Array,
                  exclude: jax.Array | None = None, chunk: int = 4096) -> jax.Array:
     """1-based rank [B] int32 of each target among items 1..V-1 (see module rules)."""
-    query = nn.with_logical_constraint(query, ("batch", None))
+    query = constrain(query, ("batch", None))
     V = table.shape[0]
     items, chunk = _chunked_items(table, chunk)
     valid_target = (targets > 0) & (targets < V)
@@ -87,7 +88,7 @@ def top_k(query: jax.Array, table: jax.Array, k: int, exclude: jax.Array | None 
     Ties go to the smaller item id. Rows with fewer than k rankable items are filled
     with score -inf and item 0.
     """
-    query = nn.with_logical_constraint(query, ("batch", None))
+    query = constrain(query, ("batch", None))
     V, B = table.shape[0], query.shape[0]
     items, chunk = _chunked_items(table, chunk)
 

@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxrec.models.gru4rec import GRULayer
-from jaxrec.models.layers import Dropout, constrain_bld, layer_norm, logical, torch_xavier_normal, zero_pads
+from jaxrec.models.layers import Dropout, layer_norm, logical, torch_xavier_normal, zero_pads
+from jaxrec.sharding import constrain
 from jaxrec.models.sasrec import SASRecBlock
 
 UnitFactory = Callable[..., nn.Module]
@@ -97,9 +98,10 @@ class SequenceEncoder(nn.Module):
         if self.use_positions:
             x = x + self.position_embedding[self.max_len - L:].astype(self.dtype)
         x = zero_pads(self.embed_dropout(x, deterministic), valid)
-        x = constrain_bld(x)
+        x = constrain(x, ("batch", "seq", "embed"))
         for k, level in enumerate(self.levels):
-            x = constrain_bld(level(x, valid, deterministic, last_only=last_only and k == self.n_layers - 1))
+            x = constrain(level(x, valid, deterministic, last_only=last_only and k == self.n_layers - 1),
+                              ("batch", "seq", "embed"))
         h = self.final_norm(x)
         return h[:, -1] if last_only else h
 

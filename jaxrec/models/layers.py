@@ -32,8 +32,9 @@ def torch_xavier_normal(fan_in: int, fan_out: int) -> Initializer:
     return nn.initializers.normal(stddev=math.sqrt(2.0 / (fan_in + fan_out)))
 
 
-def torch_uniform_bias(fan_in: int) -> Initializer:
-    """Torch's default bias init for Linear/Conv/GRU: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+def torch_uniform(fan_in: int) -> Initializer:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's default init of Linear/Conv/GRU biases, and of
+    Linear weights (kaiming-uniform with a=sqrt(5) reduces to the same bound)."""
     bound = 1.0 / math.sqrt(fan_in)
 
     def init(key, shape, dtype=jnp.float32):
@@ -194,8 +195,3 @@ class Dropout(nn.Module):
 def zero_pads(x: jax.Array, valid: jax.Array) -> jax.Array:
     """Zero the positions where `valid` [B, L] is False (x is [B, L, H])."""
     return jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
-
-
-def constrain_bld(x: jax.Array) -> jax.Array:
-    """Shard a [batch, seq, embed] activation by the logical rules (no-op without a mesh)."""
-    return nn.with_logical_constraint(x, ("batch", "seq", "embed"))

@@ -14,7 +14,6 @@ right-padded rows give the same outputs as unpadded ones.
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any
 
@@ -22,11 +21,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrec.models.llama_attention import KVCache, allowed_keys, apply_rope, attend  # noqa: F401 (KVCache re-export)
 from jaxrec.models.llama_config import LlamaConfig, UnsupportedModelError  # noqa: F401  (re-export)
 from jaxrec.models.lora import LoRADense, merge_trainable, split_trainable
+from jaxrec.sharding import Layout, constrain
 
 
 class LlamaOutput(struct.PyTreeNode):
@@ -79,9 +78,9 @@ class Attention(nn.Module):
         q = _proj(cfg, "q_proj", H * hd, ("embed", "heads"), cfg.qkv_bias, det)(x, gates).reshape(B, T, H, hd)
         k = _proj(cfg, "k_proj", Hkv * hd, ("embed", "kv_heads"), cfg.qkv_bias, det)(x, gates).reshape(B, T, Hkv, hd)
         v = _proj(cfg, "v_proj", Hkv * hd, ("embed", "kv_heads"), cfg.qkv_bias, det)(x, gates).reshape(B, T, Hkv, hd)
-        q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "kv"))
-        k = nn.with_logical_constraint(k, ("batch", "seq", "kv_heads", "kv"))
-        v = nn.with_logical_constraint(v, ("batch", "seq", "kv_heads", "kv"))
+        q = constrain(q, ("batch", "seq", "heads", "kv"))
+        k = constrain(k, ("batch", "seq", "kv_heads", "kv"))
+        v = constrain(v, ("batch", "seq", "kv_heads", "kv"))
         longest = ctx.key_valid.shape[1] + (0 if ctx.prefix_valid is None else ctx.prefix_valid.shape[1])
         inv_freq, factor = cfg.rope_frequencies(longest)
         q = apply_rope(q, ctx.q_positions, inv_freq, factor) * jnp.asarray(hd ** -0.5, q.dtype)
@@ -104,7 +103,7 @@ class Attention(nn.Module):
             pmask = allowed_keys(ctx.q_positions, ctx.q_slots, p_valid, p_pos, p_slots, window)
             prefix = (prefix_k.astype(q.dtype), prefix_v.astype(q.dtype), pmask)
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, prefix)
-        out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv")).reshape(B, T, H * hd)
+        out = constrain(out, ("batch", "seq", "heads", "kv")).reshape(B, T, H * hd)
         return _proj(cfg, "o_proj", cfg.hidden_size, ("heads", "embed"), cfg.o_bias, det)(out, gates), new_kv
 
 
@@ -117,7 +116,7 @@ class MLP(nn.Module):
         cfg, det = self.config, self.deterministic
         gate = _proj(cfg, "gate_proj", cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, det)(x, gates)
         up = _proj(cfg, "up_proj", cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, det)(x, gates)
-        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        h = constrain(nn.silu(gate) * up, ("batch", "seq", "mlp"))
         return _proj(cfg, "down_proj", cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, det)(h, gates)
 
 
@@ -135,7 +134,7 @@ class DecoderLayer(nn.Module):
             x, ctx, gates, cache_k, cache_v, prefix_k, prefix_v, window)
         h = h + attn
         h = h + MLP(cfg, self.deterministic, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(h), gates)
-        return nn.with_logical_constraint(h, ("batch", "seq", "embed")), new_kv
+        return constrain(h, ("batch", "seq", "embed")), new_kv
 
 
 class Llama(nn.Module):
@@ -183,7 +182,7 @@ class Llama(nn.Module):
                 raise ValueError(f"inputs_embeds must be [B,T,{cfg.hidden_size}], got {tuple(inputs_embeds.shape)}")
             h = inputs_embeds.astype(dtype)
         B, T = h.shape[:2]
-        h = nn.with_logical_constraint(h, ("batch", "seq", "embed"))
+        h = constrain(h, ("batch", "seq", "embed"))
         mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         gates = _check_gates(cfg, lora_gates, B)
 
@@ -229,7 +228,7 @@ class Llama(nn.Module):
                                param_dtype=jnp.dtype(cfg.param_dtype), name="lm_head")(out_h)
         logits = logits.astype(jnp.float32)
         if logit_index is None:
-            logits = nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))
+            logits = constrain(logits, ("batch", "seq", "vocab"))
         new_cache = None
         if cache is not None:
             new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=ctx.key_valid, positions=ctx.key_positions,
@@ -300,29 +299,13 @@ def abstract_params(model: Llama) -> Any:
     return jax.eval_shape(lambda: model.init(jax.random.key(0), **_dummy_call_kwargs(model.config))["params"])
 
 
-def param_shardings(model: Llama, mesh, rules=None) -> Any:
-    """NamedSharding tree matching the (unboxed) parameters, from the logical axis rules.
+def param_shardings(model: Llama, layout: Layout) -> Any:
+    """NamedSharding tree matching the (unboxed) parameters, from the layout's rules.
 
     A mesh axis that does not divide a dimension (3 KV heads on tensor=2, a vocabulary
-    of 49152 on 5 devices) is dropped from that dimension, which is then replicated.
+    of 49152 on 5 devices) is dropped from that dimension (`jaxrec.sharding.fit_spec`).
     """
-    from jaxrec.train.mesh import DEFAULT_RULES, logical_shardings
-    abstract = abstract_params(model)
-    shardings = logical_shardings(abstract, mesh, DEFAULT_RULES if rules is None else rules)
-    return jax.tree.map(lambda s, a: fit_sharding(s, a.shape), shardings, nn.unbox(abstract))
-
-
-def fit_sharding(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
-    """`sharding` with every mesh axis removed from the dimensions it does not divide."""
-    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-    changed = False
-    for i, axes in enumerate(spec):
-        if axes is None:
-            continue
-        names = (axes,) if isinstance(axes, str) else tuple(axes)
-        if shape[i] % math.prod(sharding.mesh.shape[n] for n in names):
-            spec[i], changed = None, True
-    return NamedSharding(sharding.mesh, P(*spec)) if changed else sharding
+    return layout.shardings(abstract_params(model))
 
 
 def init_params(model: Llama, rng: jax.Array) -> Any:

@@ -13,9 +13,8 @@ from typing import Any, Callable, Iterator
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
-from jaxrec.train import mesh as mesh_lib
+from jaxrec.sharding import Layout
 
 
 def train_stream(records: Any, global_batch: int, seed: int,
@@ -58,11 +57,11 @@ def eval_batches(records: Any, global_batch: int) -> Iterator[dict[str, np.ndarr
         yield batch
 
 
-def to_global(batch: dict[str, np.ndarray], mesh: Mesh, rules=mesh_lib.DEFAULT_RULES) -> dict[str, jax.Array]:
+def to_global(batch: dict[str, np.ndarray], layout: Layout) -> dict[str, jax.Array]:
     """Process-local rows → global arrays sharded over the data-parallel axes."""
     out = {}
     for key, value in batch.items():
         value = np.asarray(value)
-        sharding = mesh_lib.batch_sharding(mesh, value.ndim, rules)
-        out[key] = jax.make_array_from_process_local_data(sharding, value)
+        global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+        out[key] = jax.make_array_from_process_local_data(layout.batch(global_shape), value)
     return out

@@ -1,4 +1,4 @@
-"""Train state, learning-rate schedule and sharded initialisation."""
+"""Train state, learning-rate schedule and restore targets."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,12 +6,9 @@ from typing import Any
 import flax.linen as nn
 import flax.struct
 import jax
-import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
 
 from jaxrec.config import TrainConfig
-from jaxrec.train import mesh as mesh_lib
 
 
 @flax.struct.dataclass
@@ -34,23 +31,8 @@ def with_clipping(tx: optax.GradientTransformation, grad_clip: float) -> optax.G
     return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0 else tx
 
 
-def abstract_and_shardings(init_fn, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES):
-    """Shapes of `init_fn()` (boxed) and the NamedShardings its logical names imply."""
-    boxed = jax.eval_shape(init_fn)
-    shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
-    return boxed, shardings
-
-
 def unboxed_abstract(boxed_abstract, shardings):
     """ShapeDtypeStructs with shardings attached: restore targets for Orbax."""
     plain = nn.unbox(boxed_abstract)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), plain, shardings)
 
-
-def count_params(tree) -> int:
-    return int(sum(x.size for x in jax.tree.leaves(nn.unbox(tree))))
-
-
-def cast_floating(tree, dtype):
-    """Cast floating leaves (e.g. to run a frozen base in bf16)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

@@ -21,6 +21,7 @@ from flax import traverse_util
 from jaxrec.models.llama import Llama, abstract_params, init_adapters, param_shardings
 from jaxrec.models.llama_config import LlamaConfig
 from jaxrec.models.lora import LoraConfig
+from jaxrec.sharding import Layout
 from jaxrec.weights.errors import CheckpointFormatError, CheckpointNotFoundError, TensorMismatchError
 from jaxrec.weights.gguf_io import GGUFCheckpoint
 from jaxrec.weights.mapping import IGNORED_SUFFIXES, leaf_sources
@@ -58,15 +59,15 @@ def load_config(path: str | Path, **overrides) -> LlamaConfig:
     return LlamaConfig.from_hf_dict(config, source=source, **overrides)
 
 
-def load_params(ckpt: Any, config: LlamaConfig, *, mesh=None, rules=None) -> dict:
+def load_params(ckpt: Any, config: LlamaConfig, *, layout: Layout | None = None) -> dict:
     """Base parameters of `config` read from `ckpt`, placed with their logical shardings
-    on `mesh` (default: the first device). Adapter leaves are not created here."""
+    on `layout` (default: the first device). Adapter leaves are not created here."""
     base = Llama(config.with_lora(None))
     abstract = abstract_params(base)
     flat_abstract = traverse_util.flatten_dict(nn.unbox(abstract))
     flat_shardings = {}
-    if mesh is not None:
-        flat_shardings = traverse_util.flatten_dict(param_shardings(base, mesh, rules))
+    if layout is not None:
+        flat_shardings = traverse_util.flatten_dict(param_shardings(base, layout))
 
     available = ckpt.shapes()
     sources = leaf_sources(config)
@@ -114,7 +115,7 @@ def _assemble(ckpt, src, shape, dtype, available) -> np.ndarray:
 
 
 def load_pretrained(path: str | Path, *, dtype: str = "float32", param_dtype: str | None = None,
-                    lora: LoraConfig | None = None, mesh=None, rules=None, rng: jax.Array | None = None,
+                    lora: LoraConfig | None = None, layout: Layout | None = None, rng: jax.Array | None = None,
                     remat: bool = False) -> tuple[LlamaConfig, dict]:
     """(config, params) from a Hugging Face directory or a GGUF file.
 
@@ -125,10 +126,8 @@ def load_pretrained(path: str | Path, *, dtype: str = "float32", param_dtype: st
     ckpt, hf_config, source = open_checkpoint(path)
     config = LlamaConfig.from_hf_dict(hf_config, source=source, dtype=dtype, param_dtype=param_dtype or dtype,
                                       lora=lora, remat=remat)
-    params = load_params(ckpt, config, mesh=mesh, rules=rules)
+    params = load_params(ckpt, config, layout=layout)
     if lora is not None:
-        shardings = None
-        if mesh is not None:
-            shardings = param_shardings(Llama(config), mesh, rules)
+        shardings = None if layout is None else param_shardings(Llama(config), layout)
         params = init_adapters(Llama(config), params, jax.random.key(0) if rng is None else rng, shardings)
     return config, params

@@ -1,14 +1,13 @@
 """Full-ranking kernels against a numpy brute force over every item."""
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxrec.eval.ranking import NO_RANK, sampled_ranks, target_ranks, top_k
-from jaxrec.train.mesh import DEFAULT_RULES, make_mesh
+from jaxrec.sharding import Layout
 
 V, D, B = 24, 4, 8   # items 1..23: chunks of 5 and 7 do not divide 23
 
@@ -103,9 +102,10 @@ def test_sharded_over_batch_and_items_equals_one_device():
     exclude = rs.randint(0, Vs, (8, 5))
     run = lambda q, t: (target_ranks(q, t, targets, exclude, chunk=8), top_k(q, t, 3, exclude, chunk=8))
     ref = jax.jit(run)(query, table)
-    mesh = make_mesh((2, 1, 4))
+    layout = Layout.build((2, 1, 4))
+    mesh = layout.mesh
     P = jax.sharding.PartitionSpec
-    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+    with layout.activate():
         q = jax.device_put(query, jax.NamedSharding(mesh, P(("data", "fsdp"))))
         t = jax.device_put(table, jax.NamedSharding(mesh, P("tensor")))
         got = jax.jit(run)(q, t)

@@ -1,5 +1,4 @@
 """The same decoder on an fsdp × tensor mesh of 8 simulated devices equals one device."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +6,7 @@ import pytest
 
 from jaxrec.models.llama import Llama, init_adapters, param_shardings
 from jaxrec.models.lora import ALL_PROJECTIONS, LoraConfig
-from jaxrec.train.mesh import DEFAULT_RULES, batch_sharding, make_mesh
+from jaxrec.sharding import Layout
 from jaxrec.weights import load_pretrained
 from tests.models import llm_fixtures as fx
 
@@ -29,11 +28,11 @@ def with_random_adapters(model, params, shardings=None):
 
 def test_fsdp_tensor_mesh_equals_single_device(checkpoint):
     assert jax.device_count() == 8
-    mesh = make_mesh((1, 2, 4))
-    config, sharded = load_pretrained(checkpoint, mesh=mesh, lora=None)
+    layout = Layout.build((1, 2, 4))
+    config, sharded = load_pretrained(checkpoint, layout=layout, lora=None)
     config = config.with_lora(MOE)
     model = Llama(config)
-    shardings = param_shardings(model, mesh)
+    shardings = param_shardings(model, layout)
     sharded = with_random_adapters(model, sharded, shardings)
     assert sharded["layers"]["mlp"]["up_proj"]["lora_b"].sharding.spec == jax.sharding.PartitionSpec(
         None, None, "tensor")
@@ -44,9 +43,9 @@ def test_fsdp_tensor_mesh_equals_single_device(checkpoint):
     def logits(params, ids, mask, gates):
         return model.apply({"params": params}, ids, mask, lora_gates=gates).logits
 
-    batch = batch_sharding(mesh)
+    batch = layout.batch((4, 9))
     inputs = jax.device_put((jnp.asarray(ids), jnp.asarray(mask), gates), batch)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+    with layout.activate():
         step = jax.jit(logits, in_shardings=(shardings, batch, batch, batch))
         got = step(sharded, *inputs)
         assert got.sharding.shard_shape(got.shape)[0] == 2   # the batch stays split over fsdp

@@ -1,12 +1,11 @@
 """Training losses against numpy closed forms (float64)."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxrec.models.losses import make_loss, sampled_softmax, sasrec_bce, softmax_cross_entropy
-from jaxrec.train.mesh import DEFAULT_RULES, make_mesh
+from jaxrec.sharding import Layout
 
 V, D = 13, 6   # 12 items + pad row
 
@@ -142,9 +141,10 @@ def test_chunked_cross_entropy_sharded_over_rows_equals_one_device():
     targets = rs.randint(0, V + 3, (16, 5))
     grad = jax.value_and_grad(lambda h, t: softmax_cross_entropy(h, t, jnp.asarray(targets), chunk=24)[0], (0, 1))
     ref = jax.jit(grad)(h, table)
-    mesh = make_mesh((4, 1, 2))
+    layout = Layout.build((4, 1, 2))
+    mesh = layout.mesh
     P = jax.sharding.PartitionSpec
-    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+    with layout.activate():
         got = jax.jit(grad)(jax.device_put(h, jax.NamedSharding(mesh, P(("data", "fsdp")))),
                             jax.device_put(table, jax.NamedSharding(mesh, P("tensor"))))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, ref)

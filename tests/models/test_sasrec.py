@@ -11,7 +11,7 @@ import pytest
 from jaxrec.models.encoder import build_sequence_model, item_table
 from jaxrec.models.layers import hash_bits, hash_dropout
 from jaxrec.models.sasrec import SASRecBlock
-from jaxrec.train.mesh import DEFAULT_RULES, logical_shardings, make_mesh
+from jaxrec.sharding import Layout
 
 H, L, N_ITEMS = 16, 12, 40
 
@@ -221,10 +221,10 @@ def test_sharded_forward_matches_one_device():
     init = lambda: model.init(KEY, x)
     train = lambda p, x: model.apply(p, x, deterministic=False, rngs={"dropout": jax.random.key(4)})
     ref = jax.jit(train)(jax.jit(init)(), x)
-    mesh = make_mesh((2, 2, 2))
-    # Outside the rules context: get_partition_spec unboxes, which would apply constraints.
-    shardings = logical_shardings(jax.eval_shape(init), mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+    layout = Layout.build((2, 2, 2))
+    mesh = layout.mesh
+    shardings = layout.shardings(jax.eval_shape(init))
+    with layout.activate():
         params = jax.jit(init, out_shardings=shardings)()
         assert params["params"]["item_embedding"].value.sharding.spec[0] == "tensor"
         x_sharded = jax.device_put(x, jax.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))

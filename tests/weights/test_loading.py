@@ -6,10 +6,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from jaxrec.models.llama import fit_sharding
-from jaxrec.train.mesh import make_mesh
+from jaxrec.sharding import Layout, fit_spec
 from jaxrec.weights import (CheckpointFormatError, CheckpointNotFoundError, TensorMismatchError,
                             UnsupportedModelError, load_config, load_pretrained, load_tokenizer,
                             token_ids_containing)
@@ -62,8 +61,7 @@ def test_bf16_safetensors_are_read(tmp_path, hf_dir):
 
 def test_placement_follows_logical_shardings(hf_dir):
     _, path = hf_dir
-    mesh = make_mesh((1, 2, 4))
-    _, params = load_pretrained(path, mesh=mesh)
+    _, params = load_pretrained(path, layout=Layout.build((1, 2, 4)))
     q = params["layers"]["self_attn"]["q_proj"]["kernel"]          # [layers, embed, heads]
     assert q.sharding.spec == P(None, "fsdp", "tensor")
     assert params["embed_tokens"].sharding.spec == P("tensor", "fsdp")
@@ -71,12 +69,12 @@ def test_placement_follows_logical_shardings(hf_dir):
     np.testing.assert_array_equal(np.asarray(q), np.asarray(single["layers"]["self_attn"]["q_proj"]["kernel"]))
 
 
-def test_fit_sharding_replicates_dimensions_a_mesh_axis_does_not_divide():
-    mesh = make_mesh((1, 2, 4))
-    s = NamedSharding(mesh, P("fsdp", "tensor"))
-    assert fit_sharding(s, (576, 192)).spec == P("fsdp", "tensor")
-    assert fit_sharding(s, (576, 3 * 64 + 2)).spec == P("fsdp", None)
-    assert fit_sharding(s, (9, 8)).spec == P(None, "tensor")
+def test_fit_spec_replicates_dimensions_a_mesh_axis_does_not_divide():
+    sizes = {"data": 1, "fsdp": 2, "tensor": 4}
+    spec = P("fsdp", "tensor")
+    assert fit_spec(spec, (576, 192), sizes) == P("fsdp", "tensor")
+    assert fit_spec(spec, (576, 3 * 64 + 2), sizes) == P("fsdp", None)
+    assert fit_spec(spec, (9, 8), sizes) == P(None, "tensor")
 
 
 @pytest.mark.parametrize("edit, error, words", [
