@@ -9,21 +9,30 @@ from jaxrec.config import ConfigError, DataConfig, from_dict
 from jaxrec.data import splits
 from jaxrec.data.store import InteractionStore
 
-SYNTHETIC_PRESETS = ("default", "tiny")
+# preset name -> (generator module, its config class, the preset classmethod, the generator)
+SYNTHETIC_PRESETS = {
+    "default": ("jaxrec.data.synthetic", "SyntheticConfig", "default", "make_synthetic"),
+    "tiny": ("jaxrec.data.synthetic", "SyntheticConfig", "tiny", "make_synthetic"),
+    "hierarchy": ("jaxrec.data.synthetic_hierarchy", "HierarchyConfig", "default", "make_synthetic_hierarchy"),
+    "hierarchy_tiny": ("jaxrec.data.synthetic_hierarchy", "HierarchyConfig", "tiny", "make_synthetic_hierarchy"),
+}
 
 
 def load_store(data: DataConfig, source: str = "config") -> InteractionStore:
     """The interaction store named by `data.source` ("synthetic" or a path)."""
     if data.source == "synthetic":
-        from jaxrec.data.synthetic import SyntheticConfig, make_synthetic
+        import importlib
         if data.synthetic not in SYNTHETIC_PRESETS:
             raise ConfigError(f"{source}: data.synthetic: {data.synthetic!r} is not one of "
                               f"{', '.join(SYNTHETIC_PRESETS)}")
-        preset = getattr(SyntheticConfig, data.synthetic)()
-        options = from_dict(SyntheticConfig, data.synthetic_options, source, "data.synthetic_options")
+        module_name, class_name, preset_name, generator = SYNTHETIC_PRESETS[data.synthetic]
+        module = importlib.import_module(module_name)
+        config_class = getattr(module, class_name)
+        preset = getattr(config_class, preset_name)()
+        options = from_dict(config_class, data.synthetic_options, source, "data.synthetic_options")
         changed = {k: getattr(options, k) for k in data.synthetic_options}
         try:
-            return make_synthetic(type(preset)(**{**preset.__dict__, **changed}))
+            return getattr(module, generator)(config_class(**{**preset.__dict__, **changed}))
         except ValueError as e:
             raise ConfigError(f"{source}: data.synthetic_options: {e}") from None
     from jaxrec.data.readers import read_interactions
