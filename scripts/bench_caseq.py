@@ -104,7 +104,7 @@ def run_cell(dataset, backbone, method, seed, runs_dir: Path, quick: bool, offic
         protocols[name] = {split: _pick(v) for split, v in values.items()}
         newest = max(run_dir.glob("evaluate-step*.json"), key=lambda p: p.stat().st_mtime)
         protocols[name]["_label"] = json.loads(newest.read_text())["protocols"].get("test", "")
-    from jaxrec.train.task import task_class
+    from jaxrec.registry import task_class
     n_records = len(task_class(config.task)(config).train_records())
     steps_per_epoch = max(1, n_records // config.train.batch_size)
     per_step = seconds_per_step(run_dir)
@@ -137,7 +137,8 @@ def step_costs(dataset, backbone, rounds: int, quick: bool, loss: str = "bce", o
     import optax
     import flax.linen as nn
     from jaxrec.config import load_config
-    from jaxrec.train.task import task_class
+    from jaxrec.registry import task_class
+    from jaxrec.train.task import Clock
 
     config_path = REPO / "configs" / "caseq" / f"{CONFIG_NAMES[dataset]}_{backbone}.yaml"
     budget = [] if official else BUDGETS[dataset]["overrides"]
@@ -156,7 +157,7 @@ def step_costs(dataset, backbone, rounds: int, quick: bool, loss: str = "bce", o
         tx = optax.adam(config.train.lr, b1=config.train.b1, b2=config.train.b2)
 
         def train_step(params, opt_state, batch, key, task=task, tx=tx):
-            grads, _ = jax.grad(lambda p: task.loss(p, {}, {}, batch, key), has_aux=True)(params)
+            grads, _ = jax.grad(lambda p: task.loss(p, {}, {}, batch, key, Clock.at(0)), has_aux=True)(params)
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 

@@ -87,11 +87,11 @@ def run_cell(cell: str, args) -> dict:
                 out["train_tokens_per_s"] = round(mean_tokens * sum(rates) / len(rates), 1)
             out["trainable_params"] = _trainable_params(result.run_dir)
     else:
-        from jaxrec.train.session import Session
-        session = Session(config)
+        from jaxrec.train.runs import start_session
+        session = start_session(config)
         task = session.task
         eval_set = task.eval_sets("test")[0]
-        out = {"test": task.baseline_metrics(cell, eval_set, session.mesh, session.rules)}
+        out = {"test": task.baseline_metrics(cell, eval_set, session.frozen, session.layout)}
         if cell == "untuned":
             out["outputs_sample"] = task.last_outputs.get("untuned/test", [])[:5]
     out["seconds"] = round(time.time() - started, 1)
@@ -104,8 +104,7 @@ def _trainable_params(run_dir) -> dict:
     import jax
     import numpy as np
     from jaxrec.train.runs import open_run
-    _, state, _, ckpts = open_run(run_dir)
-    ckpts.close()
+    state = open_run(run_dir).state
     return {k: int(sum(np.size(x) for x in jax.tree.leaves(v))) for k, v in state.params.items()}
 
 

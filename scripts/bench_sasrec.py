@@ -49,9 +49,9 @@ def run_job(config_path: str, overrides: list[str], target: float) -> dict:
 
     # The same checkpoint under the other history rule, so both numbers are on record.
     flipped = f"eval.exclude_history={'false' if config.eval.exclude_history else 'true'}"
-    session, state, _, ckpts = open_run(result.run_dir, "best", [flipped])
-    ckpts.close()
-    evaluator = Evaluator(session.task, session.mesh, config.eval.batch_size, session.rules)
+    opened = open_run(result.run_dir, "best", [flipped])
+    session, state = opened.session, opened.state
+    evaluator = Evaluator(session.task, session.layout, config.eval.batch_size)
     test_set = session.task.eval_sets("test")[0]
     other = session.task.evaluate(test_set, state.params, session.frozen, state.model_state, evaluator)
     t0 = time.time()   # second pass: compiled, so this is the evaluation's own speed
@@ -80,7 +80,7 @@ def run_job(config_path: str, overrides: list[str], target: float) -> dict:
 
 
 def len_records(config) -> int:
-    from jaxrec.train.task import task_class
+    from jaxrec.registry import task_class
     return len(task_class(config.task)(config).train_records())
 
 

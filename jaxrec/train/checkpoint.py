@@ -1,6 +1,8 @@
 """Orbax checkpoints of a run: train state, data-iterator state, config, vocabulary.
 
-Layout: `<run>/checkpoints/<step>/{state, data, meta, config, vocab[, frozen]}`. Saves are
+Layout: `<run>/checkpoints/<step>/{state, data, meta, config, vocab, inputs[, artifacts]}`:
+`inputs` holds the fingerprints of the run's frozen inputs, `artifacts` the task's
+JSON-able results (e.g. a semantic-ID table) for runs built on this one. Saves are
 async and atomic (Orbax commits a step only when every item is written). The newest N
 checkpoints are kept plus the best one by the selection metric. A checkpoint that
 fails to restore is moved to `<run>/quarantine/` with a warning and the previous one is
@@ -47,13 +49,15 @@ class RunCheckpoints:
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict, config: dict, vocab: dict,
-             metrics: dict[str, float] | None = None, frozen: Any = None) -> None:
+             metrics: dict[str, float] | None = None, inputs: dict | None = None,
+             artifacts: dict | None = None) -> None:
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
-                     config=ocp.args.JsonSave(config), vocab=ocp.args.JsonSave(vocab))
+                     config=ocp.args.JsonSave(config), vocab=ocp.args.JsonSave(vocab),
+                     inputs=ocp.args.JsonSave(inputs or {}))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        if frozen is not None:
-            items["frozen"] = ocp.args.StandardSave(frozen)
+        if artifacts:
+            items["artifacts"] = ocp.args.JsonSave(artifacts)
         self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def wait(self) -> None:
@@ -67,26 +71,28 @@ class RunCheckpoints:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def read_json(self, step: int, item: str) -> Any:
+    def has_item(self, step: int, item: str) -> bool:
+        return (self.directory / str(step) / item).is_dir()
+
+    def read_json(self, step: int, item: str, default: Any = None) -> Any:
+        """A JSON item of a checkpoint; `default` when an older checkpoint lacks it."""
+        if default is not None and not self.has_item(step, item):
+            return default
         out = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
         return out[item]
 
-    def restore(self, step: int, abstract_state: Any, data_iterator: Any = None,
-                abstract_frozen: Any = None) -> dict[str, Any]:
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> dict[str, Any]:
         items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        if abstract_frozen is not None:
-            items["frozen"] = ocp.args.StandardRestore(abstract_frozen)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return {k: out[k] for k in items}
 
-    def restore_latest(self, abstract_state: Any, data_iterator: Any = None,
-                       abstract_frozen: Any = None) -> tuple[int, dict[str, Any]] | None:
+    def restore_latest(self, abstract_state: Any, data_iterator: Any = None) -> tuple[int, dict[str, Any]] | None:
         """Newest checkpoint that restores cleanly; damaged ones are quarantined."""
         for step in reversed(self.steps()):
             try:
-                return step, self.restore(step, abstract_state, data_iterator, abstract_frozen)
+                return step, self.restore(step, abstract_state, data_iterator)
             except Exception as e:  # any failure to read means the files are unusable
                 self.quarantine(step, e)
         return None

@@ -6,9 +6,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
-from jaxrec.train import mesh as mesh_lib
+from jaxrec.sharding import Layout
 from jaxrec.train import pipeline
 from jaxrec.train.task import EvalSet, Task
 
@@ -18,12 +17,13 @@ class Evaluator:
 
     The jitted function reduces each batch to sums on device (padding rows have weight 0),
     so only a handful of scalars cross to the host per batch, whatever the process count.
+    Tasks with their own evaluation loop use `batches` for the same padded, sharded batches
+    under the active layout.
     """
 
-    def __init__(self, task: Task, mesh: Mesh, batch_size: int, rules=mesh_lib.DEFAULT_RULES):
-        self.task, self.mesh, self.rules = task, mesh, rules
-        dp = mesh_lib.data_parallel_size(mesh, rules)
-        self.batch_size = max(dp, -(-batch_size // dp) * dp)
+    def __init__(self, task: Task, layout: Layout, batch_size: int):
+        self.task, self.layout = task, layout
+        self.batch_size = layout.round_batch(batch_size)
 
         def batch_sums(params, frozen, model_state, batch):
             values = task.eval_step(params, frozen, model_state, batch)
@@ -32,13 +32,19 @@ class Evaluator:
             sums["_count"] = weight.sum()
             return sums
 
-        self._batch_sums = jax.jit(batch_sums, out_shardings=mesh_lib.replicated(mesh))
+        self._batch_sums = jax.jit(batch_sums, out_shardings=layout.replicated())
+
+    def batches(self, records: Any):
+        """(global batch, number of real rows) for every evaluation batch; call inside `layout.activate()`."""
+        total = len(records)
+        for b, batch in enumerate(pipeline.eval_batches(records, self.batch_size)):
+            yield pipeline.to_global(batch, self.layout), min(self.batch_size, total - b * self.batch_size)
 
     def run(self, eval_set: EvalSet, params: Any, frozen: Any, model_state: Any) -> dict[str, Any]:
         totals: dict[str, np.ndarray] = {}
-        with jax.set_mesh(self.mesh):
-            for batch in pipeline.eval_batches(eval_set.records, self.batch_size):
-                sums = self._batch_sums(params, frozen, model_state, pipeline.to_global(batch, self.mesh, self.rules))
+        with self.layout.activate():
+            for batch, _ in self.batches(eval_set.records):
+                sums = self._batch_sums(params, frozen, model_state, batch)
                 for key, value in jax.device_get(sums).items():
                     totals[key] = totals.get(key, 0.0) + np.asarray(value, dtype=np.float64)
         count = float(totals.pop("_count", 0.0))

@@ -98,3 +98,14 @@ def metrics_table(rows: Mapping[str, Mapping[str, float]], title: str = "") -> s
             cells.append(text.rjust(w))
         lines.append(" ".join([label.ljust(label_width)] + cells))
     return "\n".join(lines)
+
+
+def format_report(model_name: str, tests: dict, baselines: dict, protocols: dict, step: int) -> str:
+    blocks = []
+    for split, values in tests.items():
+        rows = {f"{model_name} (step {step})": values}
+        for name, per_split in baselines.items():
+            if split in per_split:
+                rows[name] = per_split[split]
+        blocks.append(metrics_table(rows, title=f"[{split}] {protocols.get(split, '')}"))
+    return "\n\n".join(blocks)

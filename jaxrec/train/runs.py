@@ -1,25 +1,30 @@
-"""Working with finished (or interrupted) runs: evaluate and export from a checkpoint alone.
+"""Working with runs: start a session with its upstream runs, and evaluate or export a
+finished (or interrupted) run from its checkpoint alone.
 
 Everything needed is read from the checkpoint: the resolved config (so the task, data
-source, split and model are rebuilt exactly) and the train state, restored onto the
-*current* devices whatever mesh it was saved from.
+source, split and model are rebuilt exactly), the train state, restored onto the
+*current* devices whatever mesh it was saved from, and the fingerprints of the frozen
+inputs it was made with (a checkpoint made with other inputs is refused).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 
-from jaxrec.config import ConfigError, apply_overrides, build_config
-from jaxrec.train import mesh as mesh_lib
+from jaxrec.config import Config, ConfigError, apply_overrides, build_config
+from jaxrec.sharding import MESH_AXES, MeshError, resolve_mesh_shape
 from jaxrec.train.checkpoint import CheckpointNotFound, RunCheckpoints, find_run_checkpoints
 from jaxrec.train.evaluation import Evaluator
+from jaxrec.weights.fingerprint import params_sha256
+from jaxrec.train.reporting import format_report
 from jaxrec.train.session import Session
-from jaxrec.train.state import schedule, unboxed_abstract, with_clipping
-from jaxrec.train.trainer import format_report
+from jaxrec.train.state import TrainState, schedule, unboxed_abstract, with_clipping
 
 log = logging.getLogger("jaxrec")
 
@@ -28,62 +33,108 @@ log = logging.getLogger("jaxrec")
 _EVALUATE_OVERRIDABLE = ("eval.", "mesh.", "data.num_threads", "data.prefetch", "run.dir")
 
 
+@dataclasses.dataclass
+class OpenedRun:
+    """A run read back from one of its checkpoints."""
+    run_dir: Path
+    step: int
+    session: Session
+    state: TrainState
+    artifacts: dict
+    sha256: str                # of the trainable parameters: the run's identity as a frozen input
+
+    @property
+    def task(self):
+        return self.session.task
+
+    @property
+    def config(self) -> Config:
+        return self.session.config
+
+    def host_params(self) -> Any:
+        """The parameters as numpy arrays (for use as a frozen input on any mesh)."""
+        return jax.device_get(nn.unbox(self.state.params))
+
+
+def start_session(config: Config, load_frozen: bool = True) -> Session:
+    """Open the task's declared upstream runs (once each), then bind the task to the mesh."""
+    from jaxrec import registry
+    upstream = {}
+    for name, spec in registry.task_class(config.task).upstream(config).items():
+        if not spec.run_dir:
+            raise ConfigError(f"{config.source}: {spec.key}: required (a finished {' or '.join(spec.tasks)} run "
+                              "directory)")
+        try:
+            run = open_run(spec.run_dir, load_frozen=False)
+        except CheckpointNotFound as e:
+            raise ConfigError(f"{config.source}: {spec.key}: {e}") from None
+        if run.task.name not in spec.tasks:
+            raise ConfigError(f"{config.source}: {spec.key}: {spec.run_dir} is a `task: {run.task.name}` run; "
+                              f"expected {' or '.join(spec.tasks)}")
+        upstream[name] = run
+    return Session(config, upstream, load_frozen=load_frozen)
+
+
 def _mesh_fits(mesh: dict) -> bool:
-    sizes = [mesh.get(axis, default) for axis, default in (("data", -1), ("fsdp", 1), ("tensor", 1))]
+    sizes = [mesh.get(axis, default) for axis, default in zip(MESH_AXES, (-1, 1, 1))]
     try:
-        mesh_lib.resolve_mesh_shape(sizes, jax.device_count())
+        resolve_mesh_shape(sizes, jax.device_count())
         return True
-    except mesh_lib.MeshError:
+    except MeshError:
         return False
 
 
-def open_run(run_dir: str | Path, step: str = "best", overrides: Sequence[str] = ()):
-    run_dir = find_run_checkpoints(run_dir)
-    ckpts = RunCheckpoints(run_dir, read_only=True)
+def _choose_step(run_dir: Path, ckpts: RunCheckpoints, step: str) -> int:
     steps = ckpts.steps()
     if not steps:
         raise CheckpointNotFound(f"{run_dir}/checkpoints: no complete checkpoint")
-    latest = steps[-1]
-    meta = ckpts.read_json(latest, "meta")
     if step == "latest":
-        chosen = latest
-    elif step == "best":
-        chosen = meta.get("best_step") or latest
-        if chosen not in steps:
-            chosen = latest
-    elif step.isdigit() and int(step) in steps:
-        chosen = int(step)
-    else:
-        raise CheckpointNotFound(f"{run_dir}: step {step!r} not found (available: {steps}, best, latest)")
-    raw = ckpts.read_json(chosen, "config")
-    for text in overrides:
-        if not text.startswith(_EVALUATE_OVERRIDABLE):
-            raise ConfigError(f"command line: {text.split('=')[0]}: cannot be changed when evaluating a checkpoint "
-                              f"(allowed: {', '.join(_EVALUATE_OVERRIDABLE)})")
-    apply_overrides(raw, overrides)
-    # A run directory can be moved or copied: it is where it was found, not where it was trained.
-    raw.setdefault("run", {})["dir"] = str(run_dir)
-    if not any(o.startswith("mesh.") for o in overrides) and not _mesh_fits(raw.get("mesh", {})):
-        log.info("the run's mesh %s does not fit the %d devices here; evaluating data-parallel instead",
-                 raw.get("mesh"), jax.device_count())
-        raw["mesh"] = {**raw.get("mesh", {}), "data": -1, "fsdp": 1, "tensor": 1}
-    config = build_config(raw, f"{run_dir}/checkpoints/{chosen}/config", {o.split('=')[0]: "cli" for o in overrides})
-    session = Session(config)
-    check = getattr(session.task, "check_checkpoint", None)
-    if check is not None:   # a task with frozen inputs (e.g. a base LLM) refuses a checkpoint made with others
-        check(ckpts.read_json(chosen, "vocab"))
-    tx = with_clipping(session.task.optimizer(schedule(config.train, max(config.train.steps, 1))),
-                       config.train.grad_clip)
-    _, boxed, shardings = session.state_layout(tx)
-    state = ckpts.restore(chosen, unboxed_abstract(boxed, shardings))["state"]
-    return session, state, chosen, ckpts
+        return steps[-1]
+    if step == "best":
+        best = ckpts.read_json(steps[-1], "meta").get("best_step")
+        return best if best in steps else steps[-1]
+    if step.isdigit() and int(step) in steps:
+        return int(step)
+    raise CheckpointNotFound(f"{run_dir}: step {step!r} not found (available: {steps}, best, latest)")
+
+
+def open_run(run_dir: str | Path, step: str = "best", overrides: Sequence[str] = (),
+             load_frozen: bool = True) -> OpenedRun:
+    run_dir = find_run_checkpoints(run_dir)
+    ckpts = RunCheckpoints(run_dir, read_only=True)
+    try:
+        chosen = _choose_step(run_dir, ckpts, step)
+        raw = ckpts.read_json(chosen, "config")
+        for text in overrides:
+            if not text.startswith(_EVALUATE_OVERRIDABLE):
+                raise ConfigError(f"command line: {text.split('=')[0]}: cannot be changed when evaluating a "
+                                  f"checkpoint (allowed: {', '.join(_EVALUATE_OVERRIDABLE)})")
+        apply_overrides(raw, overrides)
+        # A run directory can be moved or copied: it is where it was found, not where it was trained.
+        raw.setdefault("run", {})["dir"] = str(run_dir)
+        if not any(o.startswith("mesh.") for o in overrides) and not _mesh_fits(raw.get("mesh", {})):
+            log.info("the run's mesh %s does not fit the %d devices here; using it data-parallel instead",
+                     raw.get("mesh"), jax.device_count())
+            raw["mesh"] = {**raw.get("mesh", {}), "data": -1, "fsdp": 1, "tensor": 1}
+        where = f"{run_dir}/checkpoints/{chosen}"
+        config = build_config(raw, f"{where}/config", {o.split('=')[0]: "cli" for o in overrides})
+        session = start_session(config, load_frozen=load_frozen)
+        session.check_fingerprints(ckpts.read_json(chosen, "inputs", default={}), where)
+        tx = with_clipping(session.task.optimizer(schedule(config.train, max(config.train.steps, 1))),
+                           config.train.grad_clip)
+        _, boxed, shardings = session.state_layout(tx)
+        state = ckpts.restore(chosen, unboxed_abstract(boxed, shardings))["state"]
+        artifacts = ckpts.read_json(chosen, "artifacts", default={})
+    finally:
+        ckpts.close()
+    return OpenedRun(run_dir, chosen, session, state, artifacts, params_sha256(state.params))
 
 
 def evaluate_run(run_dir: str | Path, step: str = "best", split: str = "test",
                  overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
-    session, state, chosen, ckpts = open_run(run_dir, step, overrides)
-    task = session.task
-    evaluator = Evaluator(task, session.mesh, session.config.eval.batch_size, session.rules)
+    run = open_run(run_dir, step, overrides)
+    session, state, task = run.session, run.state, run.task
+    evaluator = Evaluator(task, session.layout, session.config.eval.batch_size)
     stages = ("valid", "test") if split == "all" else (split,)
     results, protocols, baselines = {}, {}, {}
     for stage in stages:
@@ -92,19 +143,18 @@ def evaluate_run(run_dir: str | Path, step: str = "best", split: str = "test",
                                                    evaluator)
             protocols[eval_set.name] = eval_set.protocol
         baselines.update({name: {**baselines.get(name, {}), **rows}
-                          for name, rows in task.baselines(stage).items()})
-    ckpts.close()
+                          for name, rows in task.baselines(stage, session.frozen, evaluator).items()})
     if jax.process_index() == 0:
-        print(format_report(task.name, results, baselines, protocols, chosen))
-        out = Path(ckpts.run_dir) / f"evaluate-step{chosen}.json"
-        out.write_text(json.dumps({"step": chosen, "results": results, "protocols": protocols,
+        print(format_report(task.name, results, baselines, protocols, run.step))
+        out = Path(run.run_dir) / f"evaluate-step{run.step}.json"
+        out.write_text(json.dumps({"step": run.step, "results": results, "protocols": protocols,
                                    "baselines": baselines}, indent=2))
     return results
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, step: str = "best") -> list[str]:
-    session, state, chosen, ckpts = open_run(run_dir, step)
-    ckpts.close()
+    run = open_run(run_dir, step)
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    return session.task.export(state.params, session.frozen, state.model_state, out_dir)
+    with run.session.layout.activate():
+        return run.task.export(run.state.params, run.session.frozen, run.state.model_state, out_dir)

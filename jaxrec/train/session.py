@@ -1,12 +1,14 @@
-"""A task bound to a mesh: its sharded state layout and its pure train step.
+"""A task bound to a layout: its frozen inputs, sharded state layout and pure train step.
 
 Shared by training, `jaxrec evaluate` and `jaxrec export`, so all three lay out the
-state the same way whatever mesh the checkpoint came from.
+state the same way whatever mesh the checkpoint came from. Upstream runs are opened by
+the caller (`jaxrec.train.runs.start_session`) and handed in, so a session never opens
+another session.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -14,22 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxrec import registry
 from jaxrec.config import Config, ConfigError
-from jaxrec.train import mesh as mesh_lib
+from jaxrec.sharding import Layout, MeshError
 from jaxrec.train.state import TrainState
-from jaxrec.train.task import Task, task_class
+from jaxrec.train.task import Clock, Task
 
 
-def build_mesh(config: Config):
+def build_layout(config: Config) -> Layout:
     m = config.mesh
     try:
-        return mesh_lib.make_mesh((m.data, m.fsdp, m.tensor))
-    except mesh_lib.MeshError as e:
+        return Layout.build((m.data, m.fsdp, m.tensor), m.rules)
+    except MeshError as e:
         raise ConfigError(f"{config.source}: mesh: {e}") from None
-
-
-def rules_of(config: Config):
-    return tuple(tuple(r) for r in config.mesh.rules) or mesh_lib.DEFAULT_RULES
 
 
 def total_steps(config: Config, n_records: int) -> int:
@@ -40,12 +39,27 @@ def total_steps(config: Config, n_records: int) -> int:
 
 
 class Session:
-    def __init__(self, config: Config, task: Task | None = None):
+    """`upstream`: the opened runs the task declared (`Task.upstream`), by name."""
+
+    def __init__(self, config: Config, upstream: Mapping[str, Any] | None = None, load_frozen: bool = True):
         self.config = config
-        self.task = task or task_class(config.task)(config)
-        self.mesh = build_mesh(config)
-        self.rules = rules_of(config)
-        self.frozen = self.task.load_frozen(self.mesh, self.rules)
+        self.layout = build_layout(config)
+        self.upstream = dict(upstream or {})
+        self.task: Task = registry.task_class(config.task)(config, self.upstream)
+        self.frozen = self.task.load_frozen(self.layout) if load_frozen else {}
+
+    def fingerprints(self) -> dict[str, str]:
+        """Every frozen input's identity: upstream runs' parameter hashes and the task's own."""
+        runs = {f"upstream.{name}": run.sha256 for name, run in sorted(self.upstream.items())}
+        return {**runs, **self.task.fingerprints()}
+
+    def check_fingerprints(self, saved: Mapping[str, str] | None, where: str) -> None:
+        """Refuse a checkpoint whose frozen inputs differ from the ones loaded now."""
+        now = self.fingerprints()
+        for key, then in (saved or {}).items():
+            if key in now and now[key] != then:
+                raise ConfigError(f"{where}: the checkpoint was made with {key} sha256 {then[:16]}…, but the input "
+                                  f"loaded now has sha256 {now[key][:16]}…; point the config at the original files")
 
     def state_layout(self, tx: optax.GradientTransformation):
         """(make_state, its boxed abstract value, the NamedShardings its logical axes imply)."""
@@ -56,14 +70,15 @@ class Session:
                               model_state=variables.state)
 
         boxed = jax.eval_shape(make_state)
-        return make_state, boxed, mesh_lib.logical_shardings(boxed, self.mesh, self.rules)
+        return make_state, boxed, self.layout.shardings(boxed)
 
     def init_state(self, make_state, shardings) -> TrainState:
-        with jax.set_mesh(self.mesh):
+        with self.layout.activate():
             return jax.jit(lambda: nn.unbox(make_state()), out_shardings=shardings)()
 
 
-def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.Schedule, microbatches: int = 1):
+def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.Schedule, total: int,
+                    microbatches: int = 1):
     """The pure update `(state, frozen, batch, key) -> (state, metrics)`.
 
     The step's randomness is `fold_in(key, state.step)`: a resumed run draws exactly
@@ -74,21 +89,22 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.S
     by the loss's `weight` metric when the task reports one (e.g. its target count), so
     the result is the mean over the whole batch, not a mean of means.
     """
-    def grads_of(params, model_state, batch, rng, frozen):
+    def grads_of(params, model_state, batch, rng, frozen, clock):
         def loss_fn(p):
-            return task.loss(p, frozen, model_state, batch, rng)
+            return task.loss(p, frozen, model_state, batch, rng, clock)
         (loss, (metrics, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, metrics, new_state, grads
 
-    def accumulate(params, model_state, batch, rng, frozen):
+    def accumulate(params, model_state, batch, rng, frozen, step):
         slices = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // microbatches, microbatches,
                                                                *x.shape[1:]), 0, 1), batch)
 
         def body(carry, xs):
             grad_sum, loss_sum, weight_sum, model_state = carry
             index, piece = xs
+            clock = Clock(step, index, total, microbatches)
             loss, metrics, model_state, grads = grads_of(params, model_state, piece, jax.random.fold_in(rng, index),
-                                                         frozen)
+                                                         frozen, clock)
             w = jnp.asarray(metrics.get("weight", 1.0), jnp.float32)
             grad_sum = jax.tree.map(lambda a, g: a + w * g, grad_sum, grads)
             return (grad_sum, loss_sum + w * loss, weight_sum + w, model_state), metrics
@@ -102,8 +118,12 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.S
 
     def train_step(state: TrainState, frozen: Any, batch: dict, key: jax.Array):
         rng = jax.random.fold_in(key, state.step)
-        compute = grads_of if microbatches == 1 else accumulate
-        loss, metrics, model_state, grads = compute(state.params, state.model_state, batch, rng, frozen)
+        if microbatches == 1:
+            clock = Clock(state.step, jnp.zeros((), jnp.int32), total, 1)
+            loss, metrics, model_state, grads = grads_of(state.params, state.model_state, batch, rng, frozen, clock)
+        else:
+            loss, metrics, model_state, grads = accumulate(state.params, state.model_state, batch, rng, frozen,
+                                                           state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                opt_state=opt_state, model_state=model_state)

@@ -1,46 +1,40 @@
-"""The task interface: what a method supplies to the one trainer, and the registry.
+"""The task interface: what a method supplies to the one trainer.
 
 A task owns its data records, model, loss, evaluation and export. The trainer owns
-everything else (mesh, sharding, jit, optimizer loop, checkpoints, logging, resume).
-Tasks are found by the config's `task` name; adding a method never touches the trainer.
+everything else (mesh and sharding, jit, the optimizer loop, checkpoints, logging,
+resume, and loading a task's frozen inputs once). Tasks are found by the config's
+`task` name through `jaxrec.registry`; adding a method never touches `train/`.
+See docs/tasks.md for the contract and a worked minimal task.
+
+Lifecycle, as the trainer (and `jaxrec evaluate` / `export`) drives it:
+  1. `Task.upstream(config)`   — classmethod: finished runs this task builds on (a SASRec
+     guide, a tokenizer run). The session opens each once, read-only, at its best step.
+  2. `Task(config, upstream)`  — host-side set-up (data, model definitions); no JAX state.
+  3. `task.load_frozen(layout)` — read-only arrays of the loss placed on the mesh (a base
+     LLM); never checkpointed.
+  4. `task.fingerprints()`     — identities of frozen inputs that are not runs (file
+     hashes); with the upstream runs' parameter hashes they are saved in every checkpoint
+     and a checkpoint made with other inputs is refused on resume, evaluate and export.
+  5. `init` / `loss` / `eval_step` — pure, jitted by the trainer.
+  6. `artifacts`, `export`, `baselines` — host-side reporting.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
+import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jaxrec.config import Config
+from jaxrec.registry import register  # noqa: F401  (tasks register themselves with it)
 
-_REGISTRY: dict[str, type["Task"]] = {}
-# Modules that define tasks; imported lazily so `jaxrec data stats` never pays for them.
-_TASK_MODULES = {
-    "seqrec": "jaxrec.methods.seqrec",
-    "caseq": "jaxrec.methods.caseq",
-    "ilora": "jaxrec.methods.ilora",
-}
-
-
-def register(cls: type["Task"]) -> type["Task"]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def task_class(name: str) -> type["Task"]:
-    if name not in _REGISTRY and name in _TASK_MODULES:
-        importlib.import_module(_TASK_MODULES[name])
-    if name not in _REGISTRY:
-        known = sorted(set(_REGISTRY) | set(_TASK_MODULES))
-        raise KeyError(f"unknown task {name!r} (known: {', '.join(known)})")
-    return _REGISTRY[name]
-
-
-def model_config_class(name: str) -> type:
-    return task_class(name).model_config
+if TYPE_CHECKING:
+    from jaxrec.sharding import Layout
+    from jaxrec.train.evaluation import Evaluator
 
 
 @dataclass(frozen=True)
@@ -50,8 +44,6 @@ class Variables:
     trainable: optimised; gets optimizer state.
     state: non-gradient variables updated by the loss (e.g. BatchNorm statistics).
     Leaves may be `nn.LogicallyPartitioned` boxes; the trainer derives shardings from them.
-    Frozen inputs (a base LLM, a pretrained guide model) are not variables of the run:
-    `Task.load_frozen` reads them from their own files and they are never checkpointed.
     """
     trainable: Any
     state: Any = field(default_factory=dict)
@@ -65,14 +57,60 @@ class EvalSet:
     protocol: str             # printed beside every metric, e.g. "test | full ranking over 3,706 items | ..."
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """A finished jaxrec run that a task reads (never trains)."""
+    key: str                  # the config key naming it, for error messages (e.g. "model.guide")
+    run_dir: str
+    tasks: tuple[str, ...]    # task names it may have been trained as
+
+
+@flax.struct.dataclass
+class Clock:
+    """Where an update is in the run, for losses that depend on it (curricula, annealing).
+
+    `step` is the global optimizer step being taken (0-based, read from the train state);
+    `micro` the micro-batch index within it.
+    """
+    step: jax.Array
+    micro: jax.Array
+    total_steps: int = flax.struct.field(pytree_node=False, default=1)
+    microbatches: int = flax.struct.field(pytree_node=False, default=1)
+
+    def progress(self) -> jax.Array:
+        """Fraction of all micro-batches done once this one is: (1 .. total) / total."""
+        done = self.step * self.microbatches + self.micro + 1
+        return done.astype(jnp.float32) / (self.total_steps * self.microbatches)
+
+    @classmethod
+    def at(cls, step: int, total_steps: int = 1, micro: int = 0, microbatches: int = 1) -> "Clock":
+        return cls(jnp.asarray(step, jnp.int32), jnp.asarray(micro, jnp.int32), total_steps, microbatches)
+
+
 class Task:
     """Base class; subclasses set `name`, `model_config` and implement the hooks."""
 
     name: ClassVar[str] = ""
     model_config: ClassVar[type]
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, upstream: Mapping[str, Any] | None = None):
+        """`upstream` maps the names of `upstream(config)` to opened runs (`jaxrec.train.runs.OpenedRun`)."""
         self.config = config
+        self.upstream_runs = dict(upstream or {})
+
+    # --- frozen inputs (declared; loaded by the session, once) --------------------
+    @classmethod
+    def upstream(cls, config: Config) -> dict[str, Upstream]:
+        """Finished runs this task builds on, by name (default: none)."""
+        return {}
+
+    def load_frozen(self, layout: "Layout") -> Any:
+        """Read-only inputs of the loss, placed on the mesh (default: none)."""
+        return {}
+
+    def fingerprints(self) -> dict[str, str]:
+        """Identities (e.g. SHA-256) of frozen inputs that are not upstream runs."""
+        return {}
 
     # --- data (host side) -------------------------------------------------------
     def train_records(self) -> Any:
@@ -96,20 +134,22 @@ class Task:
         """Pure: traced under `jax.eval_shape` and jitted with the state's shardings."""
         raise NotImplementedError
 
-    def loss(self, params, frozen, state, batch, rng) -> tuple[jax.Array, tuple[dict, Any]]:
-        """Mean loss on a global batch → (loss, (scalar metrics, new state))."""
+    def loss(self, params, frozen, state, batch, rng, clock: Clock) -> tuple[jax.Array, tuple[dict, Any]]:
+        """Mean loss on a (micro-)batch → (loss, (scalar metrics, new state)).
+
+        A `weight` metric (e.g. the number of targets) makes gradient accumulation
+        combine micro-batches by it; without one they are averaged equally."""
         raise NotImplementedError
 
     def eval_step(self, params, frozen, state, batch) -> dict[str, jax.Array]:
         """Per-example values [B, ...]; the trainer averages them over real examples."""
         raise NotImplementedError
 
-    def evaluate(self, eval_set: EvalSet, params, frozen, state, evaluator) -> dict[str, Any]:
+    def evaluate(self, eval_set: EvalSet, params, frozen, state, evaluator: "Evaluator") -> dict[str, Any]:
         """Metrics of one split; the default averages `eval_step` over its records.
 
         Override for evaluations that are not a per-batch jitted function (e.g. text
-        generation followed by string matching).
-        """
+        generation followed by string matching, or a beam search)."""
         return evaluator.run(eval_set, params, frozen, state)
 
     def optimizer(self, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -118,14 +158,15 @@ class Task:
         return optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay)
 
     # --- reporting and export (host side) -----------------------------------------
-    def baselines(self, stage: str) -> dict[str, dict[str, dict[str, float]]]:
+    def baselines(self, stage: str, frozen, evaluator: "Evaluator") -> dict[str, dict[str, dict[str, float]]]:
         """Reference rows for the final table: {baseline name: {split: metrics}}."""
+        return {}
+
+    def artifacts(self, params, frozen, state) -> dict[str, Any]:
+        """JSON-able results saved with every checkpoint and readable by runs built on
+        this one (e.g. a semantic-ID table); default none."""
         return {}
 
     def export(self, params, frozen, state, out_dir) -> list[str]:
         """Write deployable artifacts; returns the written paths."""
         raise NotImplementedError(f"task {self.name!r} has no export")
-
-    def load_frozen(self, mesh, rules) -> Any:
-        """Read-only inputs of the loss, placed on the mesh (default: none)."""
-        return {}

@@ -20,11 +20,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxrec.config import Config, ConfigError, save_config, to_dict
-from jaxrec.train import mesh as mesh_lib
 from jaxrec.train import pipeline
 from jaxrec.train.checkpoint import RunCheckpoints
 from jaxrec.train.evaluation import Evaluator
-from jaxrec.train.reporting import MetricsWriter, column_order, metrics_table
+from jaxrec.train.reporting import MetricsWriter, column_order, format_report, read_metrics
+from jaxrec.train.runs import start_session
 from jaxrec.train.session import Session, make_train_step, total_steps
 from jaxrec.train.state import schedule, unboxed_abstract, with_clipping
 
@@ -146,8 +146,8 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
     `stop_at_step` ends the loop early as if interrupted (tests of resumption use it).
     """
     started = time.time()
-    session = Session(config)
-    task, mesh, rules, cfg = session.task, session.mesh, session.rules, config
+    session = start_session(config)
+    task, layout, cfg = session.task, session.layout, config
     run_dir = cfg.run_dir.absolute()
     is_main = jax.process_index() == 0
     if is_main:
@@ -169,6 +169,10 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
     if not cfg.checkpoint.resume and ckpts.steps():
         raise ConfigError(f"{cfg.source}: checkpoint.resume: false, but {ckpts.directory} already holds "
                           f"checkpoints {ckpts.steps()}; choose another run.dir or remove them")
+    fingerprints = session.fingerprints()
+    if cfg.checkpoint.resume and ckpts.steps():
+        latest = ckpts.steps()[-1]
+        session.check_fingerprints(ckpts.read_json(latest, "inputs", default={}), f"{ckpts.directory}/{latest}")
     restored = ckpts.restore_latest(unboxed_abstract(boxed, state_shardings), data_iter) \
         if cfg.checkpoint.resume else None
     if restored is None:
@@ -180,11 +184,11 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
 
     writer = MetricsWriter(run_dir)
     checker = StepChecker(writer, ckpts)
-    evaluator = Evaluator(task, mesh, cfg.eval.batch_size, rules)
+    evaluator = Evaluator(task, layout, cfg.eval.batch_size)
     vocab, config_json = dict(task.vocabulary()), to_dict(cfg)
     frozen = session.frozen
     base_key = jax.random.key(cfg.run.seed + 1)
-    train_step = make_train_step(task, tx, sched, cfg.train.microbatches)
+    train_step = make_train_step(task, tx, sched, n_steps, cfg.train.microbatches)
     step_fn = None
 
     def validate(state, step) -> dict:
@@ -200,21 +204,22 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
 
     def save(state, step, metrics=None):
         ckpts.save(step, state, data_iter, meta=dict(dataclasses.asdict(progress), step=step), config=config_json,
-                   vocab=vocab, metrics=metrics)
+                   vocab=vocab, metrics=metrics, inputs=fingerprints,
+                   artifacts=task.artifacts(state.params, frozen, state.model_state))
 
     bar = tqdm(total=n_steps, initial=start_step, disable=not (cfg.train.progress and is_main),
                desc=f"train {cfg.task}", unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     window_start, window_steps = time.time(), 0
     mark = time.time()      # training time excludes evaluation, so curves compare across eval schedules
-    with Preemption() as preemption, bar, jax.set_mesh(mesh):
+    with Preemption() as preemption, bar, layout.activate():
         while step < n_steps and not progress.stopped_early and (stop_at_step is None or step < stop_at_step):
-            batch = pipeline.to_global(next(data_iter), mesh, rules)
+            batch = pipeline.to_global(next(data_iter), layout)
             if step_fn is None:
                 step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=(state_shardings, None),
                                   in_shardings=(state_shardings, jax.tree.map(lambda x: x.sharding, frozen),
                                                 jax.tree.map(lambda x: x.sharding, batch),
-                                                mesh_lib.replicated(mesh)))
+                                                layout.replicated()))
             state, metrics = step_fn(state, frozen, batch, base_key)
             step += 1
             checker.push(step, metrics)
@@ -261,7 +266,7 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
     protocols = {s.name: s.protocol for s in task.eval_sets("test")}
     for name, values in tests.items():
         writer.write("test", best_step, {"split": name, **values})
-    baselines = task.baselines("test")
+    baselines = task.baselines("test", frozen, evaluator)
     ckpts.close()
     writer.close()
     if is_main:
@@ -274,19 +279,7 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
 
 
 def _valid_at(run_dir: Path, step: int, progress: Progress) -> dict:
-    from jaxrec.train.reporting import read_metrics
     for record in reversed(read_metrics(run_dir)):
         if record["kind"] == "valid" and record["step"] == step:
             return {k: v for k, v in record.items() if k not in ("kind", "step", "time")}
     return progress.last_valid
-
-
-def format_report(model_name: str, tests: dict, baselines: dict, protocols: dict, step: int) -> str:
-    blocks = []
-    for split, values in tests.items():
-        rows = {f"{model_name} (step {step})": values}
-        for name, per_split in baselines.items():
-            if split in per_split:
-                rows[name] = per_split[split]
-        blocks.append(metrics_table(rows, title=f"[{split}] {protocols.get(split, '')}"))
-    return "\n\n".join(blocks)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxrec.config import ConfigError, build_config
+from jaxrec.train.task import Clock
 from jaxrec.methods.caseq.branching import BranchingLevel, ContextGate, branching_levels, level_gates, path_distribution
 from jaxrec.methods.caseq.negatives import HistoryExcludingNegatives, draw_excluding
 from jaxrec.methods.caseq.objective import context_kl, mixture_prior, pseudo_sequences
@@ -245,11 +246,11 @@ def test_loss_is_prediction_plus_weighted_kl_and_trains():
     rows = [transform(records[i], rng) for i in range(8)]
     batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
     (loss, (metrics, _)), grads = jax.jit(jax.value_and_grad(
-        lambda p: task.loss(p, {}, {}, batch, jax.random.key(0)), has_aux=True))(params)
+        lambda p: task.loss(p, {}, {}, batch, jax.random.key(0), Clock.at(0)), has_aux=True))(params)
     assert float(loss) == pytest.approx(float(metrics["prediction_loss"] + 0.5 * metrics["kl"]), rel=1e-6)
     assert float(metrics["kl"]) >= 0 and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     no_kl = _task(backbone="gru4rec", contexts=3, kl_weight=0.0)
-    _, (m0, _) = no_kl.loss(params, {}, {}, batch, jax.random.key(0))
+    _, (m0, _) = no_kl.loss(params, {}, {}, batch, jax.random.key(0), Clock.at(0))
     assert "kl" not in m0 and not no_kl.uses_prior
 
 
@@ -261,7 +262,7 @@ def test_cosine_similarity_trains_on_the_scores_it_ranks_with():
     assert task.train_transform() is None            # CE needs no negatives from the pipeline
     rows = [records[i] for i in range(4)]
     batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in ("inputs", "targets")}
-    loss, _ = task.loss(params, {}, {}, batch, jax.random.key(0))
+    loss, _ = task.loss(params, {}, {}, batch, jax.random.key(0), Clock.at(0))
     h, _ = task.forward(params, batch["inputs"], deterministic=True, last_only=False)
     h, table = np.asarray(h, np.float64), np.asarray(params["item_embedding"], np.float64)
     scores = (h / np.linalg.norm(h, axis=-1, keepdims=True)) @ (

@@ -13,7 +13,8 @@ import pytest
 
 from jaxrec.data.store import InteractionStore
 from jaxrec.methods.ilora.examples import draw_candidates, examples_from_store, fixed_draws
-from jaxrec.methods.ilora.metrics import candidate_ranks, generation_metrics, generation_outcomes, ranking_metrics
+from jaxrec.eval.metrics import mean_ranking_metrics
+from jaxrec.methods.ilora.metrics import candidate_ranks, generation_metrics, generation_outcomes
 from jaxrec.methods.ilora.modules import ResNetRouter, apply_gate, build_gate, splice_items
 from jaxrec.methods.ilora.optim import ilora_optimizer
 from jaxrec.methods.ilora.prompts import PromptEncoder
@@ -215,7 +216,7 @@ def test_candidate_ranks_count_ties_against_the_target():
     scores = np.array([[0.1, 0.5, 0.5, 0.2], [3.0, 1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     ranks = candidate_ranks(scores, np.array([1, 0, 3]))
     assert ranks.tolist() == [2, 1, 4]
-    m = ranking_metrics(ranks, [1, 2])
+    m = mean_ranking_metrics(ranks, [1, 2], prefix="rank_")
     assert m["rank_hr@1"] == pytest.approx(1 / 3) and m["rank_hr@2"] == pytest.approx(2 / 3)
     assert m["rank_ndcg@2"] == pytest.approx((1 / np.log2(3) + 1) / 3)
 
@@ -312,14 +313,23 @@ def inputs(tmp_path_factory, tiny_llm):
 def _task(inputs, train=None, **model):
     from jaxrec.config import build_config
     from jaxrec.methods.ilora.task import ILoRATask
-    from jaxrec.train.mesh import DEFAULT_RULES, make_mesh
+    from jaxrec.sharding import Layout
+    from jaxrec.train.runs import open_run
     from tests.methods.ilora_fixtures import ilora_raw_config
     data, llm, guide, tmp = inputs
     raw = ilora_raw_config(data, llm, guide, tmp / "run", **model)
     raw["train"].update(train or {})
-    task = ILoRATask(build_config(raw, "test"))
-    frozen = task.load_frozen(make_mesh((1, 1, 1), jax.devices()[:1]), DEFAULT_RULES)
+    config = build_config(raw, "test")
+    upstream = {name: open_run(spec.run_dir, load_frozen=False)
+                for name, spec in ILoRATask.upstream(config).items()}
+    task = ILoRATask(config, upstream)
+    frozen = task.load_frozen(Layout.build((1, 1, 1), devices=jax.devices()[:1]))
     return task, frozen
+
+
+def _clock(step=0, total=1, micro=0, microbatches=1):
+    from jaxrec.train.task import Clock
+    return Clock.at(step, total, micro, microbatches)
 
 
 def _init(task):
@@ -345,7 +355,7 @@ def test_loss_is_the_cross_entropy_of_the_target_title_and_newline(inputs):
                                       params["adapters"])          # B != 0: the adapters matter
     state = variables.state
     batch, records = _batch(task)
-    loss, (metrics, new_state) = jax.jit(task.loss)(params, frozen, state, batch, jax.random.key(2))
+    loss, (metrics, new_state) = jax.jit(task.loss)(params, frozen, state, batch, jax.random.key(2), _clock())
 
     # reference: the full-sequence logits of the same hybrid embeddings, every target token scored
     guide = task.guide
@@ -379,7 +389,7 @@ def test_loss_is_the_cross_entropy_of_the_target_title_and_newline(inputs):
             total += np.log(np.exp(row - row.max()).sum()) + row.max() - row[record["tokens"][t]]
             count += 1
     assert float(loss) == pytest.approx(total / count, rel=1e-4)
-    assert float(metrics["hybrid"]) == 1.0 and int(new_state["step"]) == 1 and "weight" not in metrics
+    assert float(metrics["hybrid"]) == 1.0 and set(new_state) == {"gate_stats"} and "weight" not in metrics
 
 
 @pytest.mark.slow   # compiles a second, accumulating train step
@@ -393,27 +403,28 @@ def test_accumulated_micro_batches_average_their_losses_as_the_official_code(inp
     batch, _ = _batch(task, n=4)
     halves = [jax.tree.map(lambda a: a[i::2], batch) for i in (0, 1)]
     loss = jax.jit(task.loss)
-    losses = [float(loss(params, frozen, variables.state, h, jax.random.key(3))[0]) for h in halves]
+    losses = [float(loss(params, frozen, variables.state, h, jax.random.key(3), _clock())[0]) for h in halves]
     tx = optax.sgd(0.0)
     from jaxrec.train.state import TrainState
     state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), model_state=variables.state)
-    step = jax.jit(make_train_step(task, tx, optax.constant_schedule(0.0), microbatches=2))
+    step = jax.jit(make_train_step(task, tx, optax.constant_schedule(0.0), 1, microbatches=2))
     new_state, metrics = step(state, frozen, batch, jax.random.key(3))
     assert float(metrics["loss"]) == pytest.approx(np.mean(losses), rel=1e-5)   # a mean of token means
-    assert int(new_state.model_state["step"]) == 2      # the curriculum clock counts micro-batches
 
 
 def test_curriculum_rises_from_text_to_hybrid_prompts(inputs):
     task, frozen = _task(inputs, train={"steps": 100}, experts=1, gate="linear")
     variables = _init(task)
     batch, _ = _batch(task, n=2)
-    total = task.total_micro_steps()
+    total = 100                       # train.steps; the trainer hands the loss its Clock
     loss = jax.jit(task.loss)
-    hybrid = lambda step: np.mean([float(loss(variables.trainable, frozen, {**variables.state,
-                                                                            "step": jnp.int32(step)},
-                                              batch, jax.random.key(k))[1][0]["hybrid"]) for k in range(40)])
-    assert total == 100
+    hybrid = lambda step: np.mean([float(loss(variables.trainable, frozen, variables.state, batch,
+                                              jax.random.key(k), _clock(step, total))[1][0]["hybrid"])
+                                   for k in range(40)])
     assert hybrid(0) <= 0.1 and hybrid(total - 1) == 1.0 and 0.25 < hybrid(total // 2) < 0.75
+    # micro-batches advance the clock within a step (official: per collated micro-batch)
+    assert float(_clock(1, 2, micro=1, microbatches=2).progress()) == 1.0
+    assert float(_clock(0, 2, micro=1, microbatches=2).progress()) == 0.5
 
 
 def test_text_only_prompts_have_no_projector_and_always_use_the_placeholder_vector(inputs):

@@ -51,15 +51,18 @@ def test_training_reports_both_protocols_and_the_baselines(run):
 
 
 def test_checkpoint_holds_only_trainable_parameters_and_round_trips(run, capsys):
+    from jaxrec.train.checkpoint import RunCheckpoints
     from jaxrec.train.runs import open_run
-    session, state, step, ckpts = open_run(run / "run")
-    vocab = ckpts.read_json(step, "vocab")
+    opened = open_run(run / "run")
+    session, state = opened.session, opened.state
+    ckpts = RunCheckpoints(run / "run", read_only=True)
+    inputs = ckpts.read_json(opened.step, "inputs")
     ckpts.close()
     assert set(state.params) == {"adapters", "projector", "gate"}
     assert "embed_tokens" not in json.dumps(jax.tree_util.tree_structure(state.params).__repr__())
-    assert vocab["base_sha256"] == session.task.base_sha256 and len(vocab["base_sha256"]) == 64
-    assert vocab["guide_sha256"] == session.task.guide.sha256
-    assert int(state.model_state["step"]) == 3 * 2           # micro-batches seen (the curriculum clock)
+    # the frozen inputs' identities travel with every checkpoint
+    assert inputs["base_model"] == session.task.fingerprints()["base_model"] and len(inputs["base_model"]) == 64
+    assert inputs["upstream.guide"] == session.task.guide.sha256 == session.upstream["guide"].sha256
     means = [np.asarray(v["mean"]) for v in jax.tree.leaves(state.model_state["gate_stats"],
                                                              is_leaf=lambda x: isinstance(x, dict) and "mean" in x)]
     assert means and all(np.abs(m).max() > 0 for m in means)   # the router's BatchNorm tracked training batches
@@ -75,14 +78,14 @@ def test_checkpoint_holds_only_trainable_parameters_and_round_trips(run, capsys)
 def test_likelihood_scores_equal_a_full_forward_of_prompt_and_title(run):
     from jaxrec.methods.ilora import evaluation
     from jaxrec.train.runs import open_run
-    session, state, _, ckpts = open_run(run / "run")
-    ckpts.close()
+    opened = open_run(run / "run")
+    session, state = opened.session, opened.state
     task, frozen = session.task, session.frozen
     data = task.eval_sets("test")[0].records
-    _, score = evaluation._eval_functions(task, True, session.mesh)
+    _, score = evaluation._eval_functions(task, True, session.layout)
     batch = {k: jnp.asarray(v[:2]) for k, v in data.arrays.items()}
     stats = state.model_state["gate_stats"]
-    with jax.set_mesh(session.mesh):
+    with session.layout.activate():
         got = np.asarray(score(state.params, frozen, stats, batch))
     llm, embeds, gates, _ = jax.jit(lambda p, f, s, b: task.prompt_embeddings(
         p, f, s, b, tuned=True, hybrid=True, train=False))(state.params, frozen, stats, batch)
@@ -104,9 +107,7 @@ def test_likelihood_scores_equal_a_full_forward_of_prompt_and_title(run):
 
 def test_sasrec_baseline_matches_ranking_by_the_guide_scores(run):
     from jaxrec.train.runs import open_run
-    session, _, _, ckpts = open_run(run / "run")
-    ckpts.close()
-    task = session.task
+    task = open_run(run / "run").task
     data = task.eval_sets("test")[0].records
     guide = task.guide
     h = np.asarray(guide.model.apply({"params": guide.params}, jnp.asarray(data.arrays["history"]),
@@ -144,6 +145,7 @@ def test_a_changed_base_model_is_refused(run, capsys):
 def test_smollm2_fresh_adapters_answer_like_the_untuned_model(tmp_path):
     """Real weights (the packaged SmolLM2 GGUF) on 2 LastFM test examples: a fresh LoRA (B = 0)
     is the base model, so generation and likelihood ranking must equal the untuned baseline."""
+    from jaxrec.train.evaluation import Evaluator
     from jaxrec.train.session import Session
     from jaxrec.weights.packaged import resolve_model_path
     from tests.helpers import REPO
@@ -164,12 +166,9 @@ def test_smollm2_fresh_adapters_answer_like_the_untuned_model(tmp_path):
     from tests.methods.test_ilora import _init
     variables = _init(task)
     eval_set = task.eval_sets("test")[0]
-
-    class _Evaluator:
-        mesh, rules = session.mesh, session.rules
-
-    tuned = task.evaluate(eval_set, variables.trainable, session.frozen, variables.state, _Evaluator())
-    untuned = task.baseline_metrics("untuned", eval_set)
+    evaluator = Evaluator(task, session.layout, 2)
+    tuned = task.evaluate(eval_set, variables.trainable, session.frozen, variables.state, evaluator)
+    untuned = task.baseline_metrics("untuned", eval_set, session.frozen, session.layout)
     assert task.last_outputs["test"] == task.last_outputs["untuned/test"]
     assert all(isinstance(t, str) for t in task.last_outputs["test"]) and len(task.last_outputs["test"]) == 2
     for key, value in untuned.items():

@@ -19,9 +19,9 @@ def one_step(microbatches: int, mesh: dict):
     records = session.task.train_records()
     # Uneven target counts per row: exactness needs slices weighted by their target counts.
     batch = {k: np.stack([records[i][k] for i in range(16)]) for k in records[0]}
-    step = jax.jit(make_train_step(session.task, tx, lambda s: 0.1, microbatches))
-    with jax.set_mesh(session.mesh):
-        new_state, metrics = step(state, session.frozen, pipeline.to_global(batch, session.mesh), jax.random.key(0))
+    step = jax.jit(make_train_step(session.task, tx, lambda s: 0.1, 1, microbatches))
+    with session.layout.activate():
+        new_state, metrics = step(state, session.frozen, pipeline.to_global(batch, session.layout), jax.random.key(0))
     return jax.device_get(new_state.params), jax.device_get(metrics)
 
 

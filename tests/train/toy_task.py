@@ -16,6 +16,7 @@ class ToyModelConfig:
     classes: int = 4
     n_train: int = 512
     blow_up_at_step: int = -1      # inject a NaN loss at this step (fault tests)
+    frozen_file: str = ""          # a file standing for a frozen input (fingerprint tests)
 
 
 class Records:
@@ -44,8 +45,8 @@ class ToyTask(Task):
     name = "toy"
     model_config = ToyModelConfig
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, upstream=None):
+        super().__init__(config, upstream)
         m = config.model
         rng = np.random.default_rng(0)
         self.true_w = rng.normal(size=(m.dim, m.classes)).astype(np.float32)
@@ -54,6 +55,12 @@ class ToyTask(Task):
         self.train = Records(x[: m.n_train], y[: m.n_train])
         self.valid = Records(x[m.n_train:], y[m.n_train:])
         self.net = Linear(m.classes)
+
+    def fingerprints(self):
+        if not self.config.model.frozen_file:
+            return {}
+        from jaxrec.weights.fingerprint import checkpoint_sha256
+        return {"frozen_file": checkpoint_sha256(self.config.model.frozen_file)}
 
     def train_records(self):
         return self.train
@@ -65,7 +72,7 @@ class ToyTask(Task):
         params = self.net.init(rng, jnp.zeros((1, self.config.model.dim)))["params"]
         return Variables(trainable=params, state={"calls": jnp.zeros((), jnp.int32)})
 
-    def loss(self, params, frozen, state, batch, rng):
+    def loss(self, params, frozen, state, batch, rng, clock):
         logits = self.net.apply({"params": params}, batch["x"])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
         blow = self.config.model.blow_up_at_step

@@ -21,7 +21,6 @@ from typing import Literal
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxrec.config import Config, ConfigError
@@ -47,8 +46,8 @@ class CaseQConfig(SeqRecConfig):
     history_negatives: bool = True      # bce: negatives avoid the user's training items (official sampler)
     eval_gaps: tuple[int, ...] = ()     # gap split: extra tests at these gaps (0 < g < data.lapse)
 
-    def validate(self) -> None:
-        super().validate()
+    def validate(self, config) -> None:
+        super().validate(config)
         if self.contexts < 1:
             raise ConfigError(f"contexts: must be >= 1, got {self.contexts}")
         if self.kl_weight < 0:
@@ -57,6 +56,11 @@ class CaseQConfig(SeqRecConfig):
             raise ConfigError(f"pseudo_sequences: must be >= 1, got {self.pseudo_sequences}")
         if len(set(self.eval_gaps)) != len(self.eval_gaps) or any(g <= 0 for g in self.eval_gaps):
             raise ConfigError(f"eval_gaps: must be distinct positive gaps, got {list(self.eval_gaps)}")
+        if self.eval_gaps and config.data.split != "gap":
+            raise ConfigError(f"eval_gaps: needs data.split=gap, got {config.data.split}")
+        if self.eval_gaps and max(self.eval_gaps) >= config.data.lapse:
+            raise ConfigError(f"eval_gaps: every gap must be < data.lapse={config.data.lapse} (the gap test "
+                              f"itself), got {list(self.eval_gaps)}")
 
 
 @register
@@ -64,16 +68,10 @@ class CaseQTask(SeqRecTask):
     name = "caseq"
     model_config = CaseQConfig
 
-    def __init__(self, config: Config):
-        super().__init__(config)
+    def __init__(self, config: Config, upstream=None):
+        super().__init__(config, upstream)
         m = config.model
         self.uses_prior = m.kl_weight > 0 and m.contexts > 1
-        if m.eval_gaps:
-            if config.data.split != "gap":
-                raise ConfigError(f"{config.source}: model.eval_gaps: needs data.split=gap, got {config.data.split}")
-            if max(m.eval_gaps) >= config.data.lapse:
-                raise ConfigError(f"{config.source}: model.eval_gaps: every gap must be < data.lapse="
-                                  f"{config.data.lapse} (the gap test itself), got {list(m.eval_gaps)}")
 
     def build_model(self, dtype, **overrides):
         m = self.config.model
@@ -115,7 +113,7 @@ class CaseQTask(SeqRecTask):
             _, gates = self.forward(params, pseudo, deterministic=False, last_only=True, rng=dropout_rng)
         return mixture_prior(path_distribution(gates))
 
-    def loss(self, params, frozen, state, batch, rng):
+    def loss(self, params, frozen, state, batch, rng, clock):
         m = self.config.model
         dropout_rng, loss_rng, prior_rng = jax.random.split(rng, 3)
         h, gates = self.forward(params, batch["inputs"], deterministic=False, last_only=self.last_only,

@@ -17,18 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.methods.ilora.metrics import candidate_ranks, generation_metrics, generation_outcomes, ranking_metrics
+from jaxrec.eval.metrics import mean_ranking_metrics
+from jaxrec.eval.scoring import score_space
+from jaxrec.methods.ilora.metrics import candidate_ranks, generation_metrics, generation_outcomes
 from jaxrec.methods.ilora.records import EvalData
-from jaxrec.methods.seqrec.task import score_space
 from jaxrec.models.generate import greedy_generate, score_continuations
-from jaxrec.train import mesh as mesh_lib
+from jaxrec.sharding import Layout
 from jaxrec.train import pipeline
 
 
-def _eval_functions(task, tuned: bool, mesh):
+def _eval_functions(task, tuned: bool, layout: Layout):
     """(generate, score) jitted for the tuned model or the frozen base; cached on the task."""
     cache = task.__dict__.setdefault("_eval_fn_cache", {})
-    key = (tuned, id(mesh))
+    key = (tuned, id(layout.mesh))
     if key in cache:
         return cache[key]
     model = task.model if tuned else task.base_model
@@ -47,7 +48,7 @@ def _eval_functions(task, tuned: bool, mesh):
         return score_continuations(model, llm, batch["cont"], batch["cont_mask"], prompt_embeds=embeds,
                                    prompt_mask=batch["mask"], lora_gates=gates).total
 
-    out = mesh_lib.replicated(mesh)
+    out = layout.replicated()
     cache[key] = (jax.jit(generate, out_shardings=(out, out)), jax.jit(score, out_shardings=out))
     return cache[key]
 
@@ -56,21 +57,20 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))     # replicated: every process holds the whole array
 
 
-def evaluate(task, data: EvalData, params: Any, frozen: Any, state: Any, mesh, rules, batch_size: int,
+def evaluate(task, data: EvalData, params: Any, frozen: Any, state: Any, layout: Layout, batch_size: int,
              modes: Sequence[str], tuned: bool = True) -> dict[str, Any]:
     """Metrics of one split; generated texts are kept in `task.last_outputs[<split>]`."""
     N = len(data)
-    dp = mesh_lib.data_parallel_size(mesh, rules)
-    G = max(dp, -(-batch_size // dp) * dp)
-    generate_fn, score_fn = _eval_functions(task, tuned, mesh)
+    G = layout.round_batch(batch_size)
+    generate_fn, score_fn = _eval_functions(task, tuned, layout)
     stats = state["gate_stats"] if state is not None else {}
     outputs: list[str] = []
     scores: list[np.ndarray] = []
-    with jax.set_mesh(mesh):
+    with layout.activate():
         for b, batch in enumerate(pipeline.eval_batches(data, G)):
             batch.pop("valid")
             real = min(G, N - b * G)
-            batch = pipeline.to_global(batch, mesh, rules)
+            batch = pipeline.to_global(batch, layout)
             if "generate" in modes:
                 tokens, lengths = (_host(x) for x in generate_fn(params, frozen, stats, batch))
                 outputs += [task.tokenizer.decode(tokens[r, :lengths[r]].tolist(), skip_special_tokens=True)
@@ -85,7 +85,7 @@ def evaluate(task, data: EvalData, params: Any, frozen: Any, state: Any, mesh, r
         task.last_outputs[("" if tuned else "untuned/") + data.name] = outputs
     if "likelihood" in modes:
         ranks = candidate_ranks(np.concatenate(scores), target_index)
-        result.update(ranking_metrics(ranks, task.config.eval.ks))
+        result.update(mean_ranking_metrics(ranks, task.config.eval.ks, prefix="rank_"))
     result["examples"] = N
     return result
 
@@ -102,4 +102,4 @@ def sasrec_metrics(task, data: EvalData, ks: Sequence[int]) -> dict[str, Any]:
     scores = np.einsum("nd,nkd->nk", np.asarray(h), candidates)
     ranks = candidate_ranks(scores, data.arrays["target_index"])
     top1 = float((ranks == 1).mean())
-    return {"valid_ratio": 1.0, "hr@1": top1, "hr@1_valid": top1, **ranking_metrics(ranks, ks), "examples": len(data)}
+    return {"valid_ratio": 1.0, "hr@1": top1, "hr@1_valid": top1, **mean_ranking_metrics(ranks, ks, prefix="rank_"), "examples": len(data)}

@@ -55,13 +55,3 @@ def candidate_ranks(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray:
     scores = np.asarray(scores, np.float64)
     target = scores[np.arange(scores.shape[0]), target_index][:, None]
     return (scores >= target).sum(axis=1)      # counts the target itself, so ties rank it last
-
-
-def ranking_metrics(ranks: np.ndarray, ks: Sequence[int], prefix: str = "rank_") -> dict[str, float]:
-    ranks = np.asarray(ranks, np.float64)
-    out = {}
-    for k in ks:
-        hit = ranks <= k
-        out[f"{prefix}hr@{k}"] = float(hit.mean())
-        out[f"{prefix}ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0).mean())
-    return out

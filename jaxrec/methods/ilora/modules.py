@@ -21,22 +21,15 @@ biases), as in the official code.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxrec.models.layers import torch_uniform
+
 GATES = ("resnet", "linear", "mlp")
-
-
-def torch_uniform(fan_in: int):
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-    return init
 
 
 def _dense(features: int, fan_in: int, axes: tuple, name: str, use_bias: bool = True) -> nn.Dense:

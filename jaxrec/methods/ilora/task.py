@@ -8,16 +8,15 @@ Per micro-batch (see docs/ilora.md for the full method and the departures):
   x = token embeddings, x[placeholder_j] = projector(e_j)   (hybrid) or the frozen [PH] vector (text)
   loss = cross-entropy of " target title\\n" given the prompt, through LLM + MoE-LoRA(g)
 The hybrid prompt is used with probability (micro step)/(total micro steps) — LLaRA's
-curriculum — or always (`curriculum: false`).
+curriculum, clocked by the trainer's `Clock` — or always (`curriculum: false`).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,14 +25,15 @@ from jaxrec.config import Config, ConfigError
 from jaxrec.data.llara import read_llara
 from jaxrec.methods.ilora import evaluation
 from jaxrec.methods.ilora.examples import examples_from_store, fixed_draws
-from jaxrec.methods.ilora.frozen import checkpoint_sha256, load_guide
 from jaxrec.methods.ilora.modules import GATES, Projector, apply_gate, build_gate, splice_items
 from jaxrec.methods.ilora.optim import ilora_optimizer
 from jaxrec.methods.ilora.prompts import DOMAINS, PromptEncoder
 from jaxrec.methods.ilora.records import RecordBuilder, TrainSource
+from jaxrec.methods.seqrec.guide import Guide, guide_upstream
 from jaxrec.models.llama import Llama, embed_tokens
 from jaxrec.models.lora import ALL_PROJECTIONS, LoraConfig, merge_trainable, split_trainable
-from jaxrec.train.task import EvalSet, Task, Variables, register
+from jaxrec.train.task import EvalSet, Task, Upstream, Variables, register
+from jaxrec.weights.fingerprint import checkpoint_sha256
 
 log = logging.getLogger("jaxrec")
 EVAL_MODES = ("generate", "likelihood")
@@ -70,7 +70,7 @@ class ILoRAConfig:
     eval_limit: int = 0                    # evaluate only the first N examples of each split (0 = all)
     report_baselines: tuple[str, ...] = ("sasrec", "untuned")
 
-    def validate(self) -> None:
+    def validate(self, config) -> None:
         if self.experts < 1 or self.lora_rank < 1 or self.lora_rank % self.experts:
             raise ConfigError(f"lora_rank: {self.lora_rank} must be a positive multiple of experts={self.experts}")
         if not 0 <= self.lora_dropout < 1:
@@ -102,8 +102,17 @@ class ILoRATask(Task):
     name = "ilora"
     model_config = ILoRAConfig
 
-    def __init__(self, config: Config):
-        super().__init__(config)
+    @classmethod
+    def upstream(cls, config: Config) -> dict[str, Upstream]:
+        m = config.model
+        needs_guide = m.prompt == "hybrid" or m.experts > 1 or "sasrec" in m.report_baselines
+        if needs_guide and not m.guide:
+            raise ConfigError(f"{config.source}: model.guide: hybrid prompts, a gate (experts > 1) and the SASRec "
+                              "baseline need a trained SASRec run directory (see configs/ilora/)")
+        return {"guide": guide_upstream("model.guide", m.guide)} if m.guide else {}
+
+    def __init__(self, config: Config, upstream=None):
+        super().__init__(config, upstream)
         from jaxrec.weights import load_config, load_tokenizer, token_ids_containing
         from jaxrec.weights.packaged import resolve_model_path
         m = self.m = config.model
@@ -130,20 +139,13 @@ class ILoRATask(Task):
                                      set(token_ids_containing(tokenizer, "\n"))))
         self.tokenizer = tokenizer
 
-        needs_guide = self.hybrid or self.moe or "sasrec" in m.report_baselines
-        if needs_guide and not m.guide:
-            raise ConfigError(f"{config.source}: model.guide: hybrid prompts, a gate (experts > 1) and the SASRec "
-                              "baseline need a trained SASRec run directory (see configs/ilora/)")
-        self.guide = load_guide(m.guide) if m.guide else None
-        if self.guide is not None and not np.array_equal(self.guide.item_vocab, self.store.item_vocab):
-            raise ConfigError(f"{config.source}: model.guide: {m.guide} was trained on a different item vocabulary "
-                              f"({self.guide.item_vocab.size - 1} items) than {config.data.source} "
-                              f"({self.store.n_items} items)")
+        guide_run = self.upstream_runs.get("guide")
+        self.guide = Guide.from_run(guide_run) if guide_run is not None else None
+        if self.guide is not None:
+            self.guide.require_items(self.store.item_vocab, config.source, "model.guide", config.data.source)
         self.projector = Projector(self.llm_config.hidden_size)
         self.gate = build_gate(m.gate, m.experts)
-        self.base_sha256 = ""
-        self.frozen: Any = None
-        self.mesh = self.rules = None
+        self._base_sha256 = ""
         self._eval_cache: dict[str, list[EvalSet]] = {}
         self._baseline_cache: dict[str, dict] = {}
         self.last_outputs: dict[str, list[str]] = {}     # split → generated text (for reports)
@@ -157,54 +159,29 @@ class ILoRATask(Task):
         return read_llara(path)
 
     # ------------------------------------------------------------------ frozen inputs
-    def load_frozen(self, mesh, rules):
-        from jaxrec.train.mesh import replicated
+    def load_frozen(self, layout):
         from jaxrec.weights import load_params, open_checkpoint
         m = self.m
-        self.base_sha256 = checkpoint_sha256(self.base_path)
         ckpt, _, _ = open_checkpoint(self.base_path)
-        llm = load_params(ckpt, self.llm_config.with_lora(None), mesh=mesh, rules=rules)
+        llm = load_params(ckpt, self.llm_config.with_lora(None), layout=layout)
         table = llm["embed_tokens"]
         # The text-only placeholder "[PH]": a new-token row, initialised as recent transformers
         # versions initialise resized embeddings (the mean of the existing rows), and frozen.
-        ph = jax.device_put(jnp.mean(table.astype(jnp.float32), axis=0), replicated(mesh))
-        guide = {} if self.guide is None else jax.device_put(self.guide.params, replicated(mesh))
-        self.frozen = {"llm": llm, "ph": ph, "guide": guide}
-        self.mesh, self.rules = mesh, rules
-        self._check_existing_run()
+        ph = jax.device_put(jnp.mean(table.astype(jnp.float32), axis=0), layout.replicated())
+        guide = {} if self.guide is None else jax.device_put(self.guide.params, layout.replicated())
         log.info("ilora: base %s (sha256 %s…), guide %s, E=%d, rank %d, prompt %s", self.base_path,
-                 self.base_sha256[:12], m.guide or "-", m.experts, m.lora_rank, m.prompt)
-        return self.frozen
+                 self.fingerprints()["base_model"][:12], m.guide or "-", m.experts, m.lora_rank, m.prompt)
+        return {"llm": llm, "ph": ph, "guide": guide}
+
+    def fingerprints(self) -> dict[str, str]:
+        if not self._base_sha256:       # hashing a multi-GB base takes a while: once, on demand
+            self._base_sha256 = checkpoint_sha256(self.base_path)
+        return {"base_model": self._base_sha256}
 
     def vocabulary(self):
         return {"items": self.store.item_vocab.tolist(), "source": self.store.source,
-                "base_model": str(self.base_path), "base_sha256": self.base_sha256,
-                "guide": self.m.guide, "guide_step": None if self.guide is None else self.guide.step,
-                "guide_sha256": "" if self.guide is None else self.guide.sha256}
-
-    def check_checkpoint(self, vocab: dict) -> None:
-        """Refuse a checkpoint whose frozen inputs differ from the ones loaded now."""
-        for key, now, what in (("base_sha256", self.base_sha256, f"base model {self.base_path}"),
-                               ("guide_sha256", "" if self.guide is None else self.guide.sha256,
-                                f"SASRec guide {self.m.guide}")):
-            then = vocab.get(key)
-            if then is not None and then != now:
-                raise ConfigError(f"{self.config.source}: the checkpoint was trained with {key.split('_')[0]} "
-                                  f"sha256 {then[:16]}…, but the {what} has sha256 {now[:16]}…; "
-                                  "point the config at the original files")
-
-    def _check_existing_run(self) -> None:
-        ckpt_dir = self.config.run_dir / "checkpoints"
-        if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-            return
-        from jaxrec.train.checkpoint import RunCheckpoints
-        ckpts = RunCheckpoints(self.config.run_dir, read_only=True)
-        try:
-            steps = ckpts.steps()
-            if steps:
-                self.check_checkpoint(ckpts.read_json(steps[-1], "vocab"))
-        finally:
-            ckpts.close()
+                "base_model": str(self.base_path), "guide": self.m.guide,
+                "guide_step": None if self.guide is None else self.guide.step}
 
     # ------------------------------------------------------------------ data
     def train_records(self):
@@ -248,7 +225,7 @@ class ILoRATask(Task):
         if self.moe:
             call["lora_gates"] = jnp.full((1, self.m.experts), 1.0 / self.m.experts)
         adapters, _ = split_trainable(self.model.init(k_lora, **call)["params"])
-        trainable, state = {"adapters": adapters}, {"step": jnp.zeros((), jnp.int32), "gate_stats": {}}
+        trainable, state = {"adapters": adapters}, {"gate_stats": {}}
         d_s = self.guide.hidden if self.guide is not None else 1
         if self.hybrid:
             trainable["projector"] = self.projector.init(k_proj, jnp.zeros((1, 1, d_s)))["params"]
@@ -266,11 +243,6 @@ class ILoRATask(Task):
         if self.moe:
             groups["gate"] = dict(factor=m.gate_lr_ratio, weight_decay=m.weight_decay)
         return ilora_optimizer(schedule, groups, t.b1, t.b2)
-
-    def total_micro_steps(self) -> int:
-        """Micro-batches in the whole run: the curriculum's clock (official: per collated micro-batch)."""
-        from jaxrec.train.session import total_steps
-        return total_steps(self.config, len(self.examples["train"])) * self.config.train.microbatches
 
     def prompt_embeddings(self, params, frozen, stats, batch, *, tuned: bool, hybrid, train: bool):
         """(LLM params, input embeddings [b, T, d], gates [b, E] or None, new gate statistics).
@@ -294,10 +266,11 @@ class ILoRATask(Task):
             gates, stats = apply_gate(self.gate, params["gate"], stats, jax.lax.stop_gradient(h), train)
         return llm, embeds, gates, stats
 
-    def _micro_loss(self, params, frozen, stats, step, batch, rng):
+    def _micro_loss(self, params, frozen, stats, clock, batch, rng):
         k_hybrid, k_dropout = jax.random.split(rng)
         if self.m.curriculum:
-            p = (step + 1).astype(jnp.float32) / self.total_micro_steps()
+            # Official: P(hybrid) = (micro-batch index + 1) / micro-batches of the whole run.
+            p = clock.progress()
             hybrid = jax.random.uniform(k_hybrid) < p
         else:
             hybrid = jnp.asarray(True)
@@ -326,13 +299,13 @@ class ILoRATask(Task):
         w = llm["lm_head"]["kernel"].astype(dtype)
         return jnp.einsum("bnd,dv->bnv", hidden.astype(dtype), w, preferred_element_type=jnp.float32)
 
-    def loss(self, params, frozen, state, batch, rng):
+    def loss(self, params, frozen, state, batch, rng, clock):
         """Token-mean loss of one (micro-)batch. No `weight` metric is reported, so the
         trainer's gradient accumulation (`train.microbatches`) averages the micro-batch
-        losses as Lightning's accumulation does in the official code; the state's step
-        counts micro-batches, which is what the curriculum is clocked by."""
-        loss, metrics, stats = self._micro_loss(params, frozen, state["gate_stats"], state["step"], batch, rng)
-        return loss, (metrics, {"step": state["step"] + 1, "gate_stats": stats})
+        losses as Lightning's accumulation does in the official code; the curriculum is
+        clocked by micro-batches (`clock.progress()`)."""
+        loss, metrics, stats = self._micro_loss(params, frozen, state["gate_stats"], clock, batch, rng)
+        return loss, (metrics, {"gate_stats": stats})
 
     def eval_step(self, params, frozen, state, batch):
         raise NotImplementedError("ilora evaluates by generation and likelihood ranking (see evaluate)")
@@ -340,22 +313,23 @@ class ILoRATask(Task):
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, eval_set, params, frozen, state, evaluator):
         modes = self.m.valid_modes if eval_set.name == "valid" else self.m.test_modes
-        return evaluation.evaluate(self, eval_set.records, params, frozen, state, evaluator.mesh, evaluator.rules,
+        return evaluation.evaluate(self, eval_set.records, params, frozen, state, evaluator.layout,
                                    self.config.eval.batch_size, modes, tuned=True)
 
-    def baselines(self, stage: str):
+    def baselines(self, stage: str, frozen, evaluator):
         rows: dict[str, dict] = {}
         for name in self.m.report_baselines:
             key = f"{name}/{stage}"
             if key not in self._baseline_cache:
-                self._baseline_cache[key] = {s.name: self.baseline_metrics(name, s) for s in self.eval_sets(stage)}
+                self._baseline_cache[key] = {s.name: self.baseline_metrics(name, s, frozen, evaluator.layout)
+                                             for s in self.eval_sets(stage)}
             rows[name] = self._baseline_cache[key]
         return rows
 
-    def baseline_metrics(self, name: str, eval_set: EvalSet, mesh=None, rules=None) -> dict:
+    def baseline_metrics(self, name: str, eval_set: EvalSet, frozen, layout) -> dict:
         """The SASRec guide ranking the same candidates, or the frozen LLM on text-only prompts."""
         if name == "sasrec":
             return evaluation.sasrec_metrics(self, eval_set.records, self.config.eval.ks)
         modes = self.m.valid_modes if eval_set.name == "valid" else self.m.test_modes
-        return evaluation.evaluate(self, eval_set.records, None, self.frozen, None, mesh or self.mesh, rules or self.rules,
+        return evaluation.evaluate(self, eval_set.records, None, frozen, None, layout,
                                    self.config.eval.batch_size, modes, tuned=False)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,7 @@ import numpy as np
 from jaxrec.config import Config, ConfigError
 from jaxrec.data.from_config import load_store, make_split
 from jaxrec.data.windows import EvalRecords, TrainWindows, popularity_counts
+from jaxrec.eval import scoring
 from jaxrec.eval.metrics import EvalProtocol, ranking_metrics
 from jaxrec.eval.negatives import sample_negatives
 from jaxrec.eval.ranking import sampled_ranks, target_ranks
@@ -35,7 +36,7 @@ class SeqRecConfig:
     similarity: Literal["dot", "cosine"] = "dot"   # cosine: scores = cos(h, e) / temperature
     temperature: float = 0.05      # cosine only
 
-    def validate(self) -> None:
+    def validate(self, config) -> None:
         if self.hidden < 1 or self.layers < 1 or self.heads < 1:
             raise ConfigError("hidden: hidden, layers and heads must be positive")
         if self.hidden % self.heads:
@@ -66,8 +67,8 @@ class SeqRecTask(Task):
     name = "seqrec"
     model_config = SeqRecConfig
 
-    def __init__(self, config: Config):
-        super().__init__(config)
+    def __init__(self, config: Config, upstream=None):
+        super().__init__(config, upstream)
         m, d = config.model, config.data
         self.store = load_store(d, config.source)
         self.split = make_split(self.store, d, config.source)
@@ -76,7 +77,7 @@ class SeqRecTask(Task):
         self.loss_fn = make_loss(m.loss, **(options["negatives"] if m.loss == "sampled_softmax" else
                                             options["loss_chunk"] if m.loss == "ce" else {}))
         self.last_only = d.train_windows == "prefix"   # RecBole-style records carry one target, at the end
-        self.n_negatives = EvalProtocol(candidates=config.eval.candidates).n_negatives
+        self.n_negatives = config.eval.n_negatives
         self._eval_cache: dict[str, list[EvalSet]] = {}
 
     def build_model(self, dtype, **overrides):
@@ -125,7 +126,7 @@ class SeqRecTask(Task):
         inputs = jnp.zeros((1, self.config.data.max_len), jnp.int32)
         return Variables(trainable=self.model.init(rng, inputs)["params"])
 
-    def loss(self, params, frozen, state, batch, rng):
+    def loss(self, params, frozen, state, batch, rng, clock):
         dropout_rng, loss_rng = jax.random.split(rng)
         h = self.model.apply({"params": params}, batch["inputs"], deterministic=False, last_only=self.last_only,
                              rngs={"dropout": dropout_rng})
@@ -141,7 +142,7 @@ class SeqRecTask(Task):
     def score_space(self, h, table):
         """(h, table) whose dot products are the model's scores: raw for "dot"; unit vectors
         with h scaled by 1/temperature for "cosine" (training and ranking share this)."""
-        return score_space(h, table, self.config.model.similarity, self.config.model.temperature)
+        return scoring.score_space(h, table, self.config.model.similarity, self.config.model.temperature)
 
     def rank_metrics(self, params, query, batch):
         """Per-example ranking metrics of the queries [B, H] under the configured protocol."""
@@ -154,7 +155,7 @@ class SeqRecTask(Task):
         return ranking_metrics(ranks, self.config.eval.ks)
 
     # ------------------------------------------------------------------ reporting
-    def baselines(self, stage: str):
+    def baselines(self, stage: str, frozen, evaluator):
         counts = popularity_counts(self.store, self.split.train_end)
         rows = {}
         for eval_set in self.eval_sets(stage):
@@ -165,15 +166,6 @@ class SeqRecTask(Task):
     def export(self, params, frozen, state, out_dir):
         from jaxrec.export.seqrec import export_seqrec
         return export_seqrec(self, params, out_dir)
-
-
-def score_space(h, table, similarity: str, temperature: float):
-    if similarity == "dot":
-        return h, table
-    def unit(x):
-        return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x.astype(jnp.float32)), -1, keepdims=True),
-                                             1e-12)).astype(x.dtype)
-    return unit(h) / temperature, unit(table)
 
 
 def records_history(store, examples):
