@@ -50,10 +50,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxrec.config import ConfigError
+    from jaxrec.registry import UnknownTask
+    from jaxrec.sharding import MeshError
     from jaxrec.train.checkpoint import CheckpointNotFound
     from jaxrec.train.trainer import NonFiniteLoss
     from jaxrec.weights.errors import CheckpointFormatError, TensorMismatchError, UnsupportedModelError
-    errors: list[type[BaseException]] = [ConfigError, CheckpointNotFound, NonFiniteLoss, FileNotFoundError,
+    errors: list[type[BaseException]] = [ConfigError, UnknownTask, MeshError, CheckpointNotFound, NonFiniteLoss,
+                                         FileNotFoundError,
                                          CheckpointFormatError, TensorMismatchError, UnsupportedModelError]
     try:
         from jaxrec.data.readers import DataFormatError
@@ -103,7 +106,7 @@ def _dispatch(args) -> int:
         print(format_stats(describe(store)))
         return 0
     if args.command == "generate":
-        from jaxrec.models.chat import chat
+        from jaxrec.chat import chat
         from jaxrec.weights.packaged import resolve_model_path
         print(chat(resolve_model_path(args.model), args.prompt, max_new_tokens=args.max_new_tokens,
                    system=args.system))

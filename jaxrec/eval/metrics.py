@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrec.config.schema import candidate_count
+
 METRIC_NAMES = ("hr", "ndcg", "mrr", "recall")
 
 
@@ -38,6 +40,14 @@ def ranking_metrics(ranks: jax.Array, ks: Sequence[int]) -> dict[str, jax.Array]
         out[f"mrr@{k}"] = jnp.where(hit, 1.0 / r, 0.0)
         out[f"recall@{k}"] = out[f"hr@{k}"]
     return out
+
+
+def mean_ranking_metrics(ranks, ks: Sequence[int], names: Sequence[str] = ("hr", "ndcg"),
+                         prefix: str = "") -> dict[str, float]:
+    """Means over examples of `ranking_metrics`, as floats named `<prefix><name>@K`."""
+    per_example = ranking_metrics(np.asarray(ranks), ks)
+    return {f"{prefix}{key}": float(np.mean(np.asarray(v, np.float64)))
+            for key, v in per_example.items() if key.split("@")[0] in names}
 
 
 class MetricAccumulator:
@@ -85,7 +95,8 @@ class EvalProtocol:
     split: str = "test"
     candidates: str = "full"
     ks: tuple[int, ...] = (10, 20)
-    exclude_history: bool = True
+    # No default here: the one default is the config's `eval.exclude_history`.
+    exclude_history: bool = dataclasses.field(kw_only=True)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -97,12 +108,7 @@ class EvalProtocol:
     @property
     def n_negatives(self) -> int | None:
         """None for full ranking, N for "sampled:N"."""
-        if self.candidates == "full":
-            return None
-        kind, _, n = self.candidates.partition(":")
-        if kind != "sampled" or not n.isdigit() or int(n) < 1:
-            raise ValueError(f"eval protocol candidates must be 'full' or 'sampled:N', got {self.candidates!r}")
-        return int(n)
+        return candidate_count(self.candidates)
 
     def label(self, n_items: int | None = None) -> str:
         n = self.n_negatives

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 import jaxrec
 from jaxrec.eval.ranking import top_k
-from jaxrec.methods.seqrec.task import score_space
+from jaxrec.eval.scoring import score_space
 from jaxrec.models.encoder import build_sequence_model
 
 FORMAT = "jaxrec.seqrec/1"
@@ -37,6 +37,7 @@ def export_seqrec(task, params, out_dir: Path) -> list[str]:
             "n_items": int(task.store.n_items), "max_len": d.max_len, "hidden": m.hidden, "layers": m.layers,
             "heads": m.heads, "inner": m.inner or None, "data_source": task.store.source,
             "similarity": m.similarity, "temperature": m.temperature,
+            "exclude_history": task.config.eval.exclude_history,
             "model_config": dataclasses.asdict(m)}
     paths = [out_dir / "model.safetensors", out_dir / "model.json", out_dir / "items.json"]
     if jax.process_index() == 0:
@@ -87,9 +88,12 @@ class Recommender:
         return out
 
     def recommend(self, histories: Sequence[Sequence[str]], k: int = 10,
-                  exclude_history: bool = True) -> list[list[tuple[str, float]]]:
-        """The k best items after each history (original tokens, scores); seen items
-        are skipped unless `exclude_history=False`."""
+                  exclude_history: bool | None = None) -> list[list[tuple[str, float]]]:
+        """The k best items after each history (original tokens, scores). Seen items are
+        skipped when `exclude_history` is true; None takes the run's `eval.exclude_history`
+        (the one default, saved in model.json)."""
+        if exclude_history is None:
+            exclude_history = bool(self.spec.get("exclude_history", False))
         full = self.encode(histories)
         inputs = jnp.asarray(full[:, -self.spec["max_len"]:])
         query = self._encode(self.params, inputs).astype(jnp.float32)

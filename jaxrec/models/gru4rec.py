@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxrec.models.layers import logical, matmul_rows, torch_uniform_bias, torch_xavier_normal
+from jaxrec.models.layers import logical, matmul_rows, torch_uniform, torch_xavier_normal
 
 
 class GRULayer(nn.Module):
@@ -46,7 +46,7 @@ class GRULayer(nn.Module):
                  last_only: bool = False) -> jax.Array:
         H = self.hidden
         w_init = logical(torch_xavier_normal(H, 3 * H), ("embed", None, "mlp"))
-        b_init = logical(torch_uniform_bias(H), (None, "mlp"))
+        b_init = logical(torch_uniform(H), (None, "mlp"))
         w_ih = self.param("kernel_ih", w_init, (x.shape[-1], 3, H), self.param_dtype).astype(self.dtype)
         w_hh = self.param("kernel_hh", w_init, (H, 3, H), self.param_dtype).astype(self.dtype)
         b_ih = self.param("bias_ih", b_init, (3, H), self.param_dtype).astype(self.dtype)

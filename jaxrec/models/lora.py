@@ -18,7 +18,6 @@ frozen base, which can stay bf16 and never gets optimizer state.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from functools import partial
 from typing import Any, Iterable
@@ -28,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from jaxrec.models.layers import torch_uniform
 
 ALL_PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 
@@ -68,10 +69,8 @@ class LoraConfig:
 
 
 def kaiming_uniform_sqrt5(key, shape, dtype=jnp.float32):
-    """torch.nn.Linear's default init (kaiming-uniform, a=√5) for a kernel [fan_in, fan_out]:
-    U(-1/√fan_in, 1/√fan_in). peft initialises LoRA A this way."""
-    bound = 1.0 / math.sqrt(shape[0])
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+    """torch.nn.Linear's default init for a kernel [fan_in, fan_out] (peft's LoRA A)."""
+    return torch_uniform(shape[0])(key, shape, dtype)
 
 
 def expand_gates(gates: jax.Array, lora: LoraConfig) -> jax.Array:

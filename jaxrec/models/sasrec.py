@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxrec.models.layers import (Dropout, Linear, LinearWeights, layer_norm, matmul_rows, torch_uniform_bias,
+from jaxrec.models.layers import (Dropout, Linear, LinearWeights, layer_norm, matmul_rows, torch_uniform,
                                   torch_xavier_normal, zero_pads)
 
 # Finite so fully masked rows (pad queries) give a uniform softmax instead of NaN;
@@ -69,9 +69,9 @@ class SASRecBlock(nn.Module):
         attn = self._attention(q_in, x, valid, deterministic, attn_rate)
         x = q_in + attn
         x = layer_norm(self.ln_eps, self.dtype, self.param_dtype, "ffn_norm")(x)
-        y = Linear((inner,), ("embed", "mlp"), bias_init=torch_uniform_bias(H), name="ffn_in", **dense)(x)
+        y = Linear((inner,), ("embed", "mlp"), bias_init=torch_uniform(H), name="ffn_in", **dense)(x)
         y = nn.relu(Dropout(self.dropout)(y, deterministic))
-        y = Linear((H,), ("mlp", "embed"), bias_init=torch_uniform_bias(inner), name="ffn_out", **dense)(y)
+        y = Linear((H,), ("mlp", "embed"), bias_init=torch_uniform(inner), name="ffn_out", **dense)(y)
         x = x + Dropout(self.dropout)(y, deterministic)
         return zero_pads(x, valid[:, -x.shape[1]:])
 

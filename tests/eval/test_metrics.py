@@ -42,11 +42,11 @@ def test_protocol_label_and_validation():
     assert full.n_negatives is None and full.ks == (10, 20)
     assert full.label(n_items=3706) == ("test | full ranking over all 3,706 items | history excluded | K=10,20"
                                         " | ties count against the target")
-    sampled = EvalProtocol(split="valid", candidates="sampled:100", ks=(10,), seed=3)
+    sampled = EvalProtocol(split="valid", candidates="sampled:100", ks=(10,), seed=3, exclude_history=True)
     assert sampled.n_negatives == 100
     assert "target + 100 negatives" in sampled.label() and "seed 3" in sampled.label()
     for bad in ("sampled", "sampled:0", "popular:100", "Full"):
         with pytest.raises(ValueError, match="'full' or 'sampled:N'"):
-            EvalProtocol(candidates=bad)
+            EvalProtocol(candidates=bad, exclude_history=False)
     with pytest.raises(ValueError, match="ks"):
-        EvalProtocol(ks=())
+        EvalProtocol(ks=(), exclude_history=False)

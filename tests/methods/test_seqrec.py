@@ -29,7 +29,7 @@ def test_sasrec_reaches_the_synthetic_reference(tmp_path):
 
 def test_cosine_score_space_gives_cosine_over_temperature():
     import numpy as np
-    from jaxrec.methods.seqrec.task import score_space
+    from jaxrec.eval.scoring import score_space
     rng = np.random.default_rng(0)
     h, table = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(7, 5)).astype(np.float32)
     table[0] = 0.0     # the pad row must not produce NaNs

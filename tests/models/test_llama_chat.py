@@ -2,7 +2,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from jaxrec.models.chat import chat
+from jaxrec.chat import chat
 from tests.models import llm_fixtures as fx
 
 torch = pytest.importorskip("torch")
