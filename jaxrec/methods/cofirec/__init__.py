@@ -1,0 +1,1 @@
+"""CoFiRec and TIGER: semantic-ID tokenizers and generative retrieval."""
