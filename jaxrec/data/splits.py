@@ -29,9 +29,6 @@ class EvalExamples:
     def __len__(self) -> int:
         return self.users.size
 
-    def history_lengths(self, store: InteractionStore) -> np.ndarray:
-        return self.history_end - store.user_offsets[self.users]
-
 
 @dataclasses.dataclass(frozen=True)
 class Split:

@@ -149,13 +149,3 @@ def reference_metrics(config: SyntheticConfig | None = None, lapse: int = 30, k:
     world = synthetic_world(config or SyntheticConfig.default())
     loo, gap = leave_one_out(world.store), gap_split(world.store, lapse=lapse)
     return {loo.protocol: split_metrics(world, loo, k), gap.protocol: split_metrics(world, gap, k)}
-
-
-def format_reference(metrics: dict, k: int = 10) -> str:
-    """A markdown table of `reference_metrics` output."""
-    lines = [f"| split | test | examples | {' | '.join(METHODS)} |", "|" + " --- |" * (3 + len(METHODS))]
-    for protocol, tests in metrics.items():
-        for name, row in tests.items():
-            cells = [f"{row[m][f'HR@{k}']:.3f} / {row[m][f'NDCG@{k}']:.3f}" for m in METHODS]
-            lines.append(f"| {protocol} | {name} | {row['examples']} | {' | '.join(cells)} |")
-    return "\n".join(lines)

@@ -34,7 +34,10 @@ from jaxrec.registry import register  # noqa: F401  (tasks register themselves w
 
 if TYPE_CHECKING:
     from jaxrec.sharding import Layout
-    from jaxrec.train.evaluation import Evaluator
+
+# `evaluator` arguments are `jaxrec.train.evaluation.Evaluator`s; that module builds on this
+# one, so the name is not imported here (no import cycle, not even for type checking).
+Evaluator = Any
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,7 @@ class Task:
         """Per-example values [B, ...]; the trainer averages them over real examples."""
         raise NotImplementedError
 
-    def evaluate(self, eval_set: EvalSet, params, frozen, state, evaluator: "Evaluator") -> dict[str, Any]:
+    def evaluate(self, eval_set: EvalSet, params, frozen, state, evaluator: Evaluator) -> dict[str, Any]:
         """Metrics of one split; the default averages `eval_step` over its records.
 
         Override for evaluations that are not a per-batch jitted function (e.g. text
@@ -158,7 +161,7 @@ class Task:
         return optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay)
 
     # --- reporting and export (host side) -----------------------------------------
-    def baselines(self, stage: str, frozen, evaluator: "Evaluator") -> dict[str, dict[str, dict[str, float]]]:
+    def baselines(self, stage: str, frozen, evaluator: Evaluator) -> dict[str, dict[str, dict[str, float]]]:
         """Reference rows for the final table: {baseline name: {split: metrics}}."""
         return {}
 
