@@ -61,13 +61,14 @@ def start_session(config: Config, load_frozen: bool = True) -> Session:
     from jaxrec import registry
     upstream = {}
     for name, spec in registry.task_class(config.task).upstream(config).items():
+        hint = f"; make it first: {spec.how}" if spec.how else ""
         if not spec.run_dir:
             raise ConfigError(f"{config.source}: {spec.key}: required (a finished {' or '.join(spec.tasks)} run "
-                              "directory)")
+                              f"directory){hint}")
         try:
             run = open_run(spec.run_dir, load_frozen=False)
         except CheckpointNotFound as e:
-            raise ConfigError(f"{config.source}: {spec.key}: {e}") from None
+            raise ConfigError(f"{config.source}: {spec.key}: {e}{hint}") from None
         if run.task.name not in spec.tasks:
             raise ConfigError(f"{config.source}: {spec.key}: {spec.run_dir} is a `task: {run.task.name}` run; "
                               f"expected {' or '.join(spec.tasks)}")

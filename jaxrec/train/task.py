@@ -66,6 +66,7 @@ class Upstream:
     key: str                  # the config key naming it, for error messages (e.g. "model.guide")
     run_dir: str
     tasks: tuple[str, ...]    # task names it may have been trained as
+    how: str = ""             # how to make it when it is missing (e.g. "jaxrec train configs/...")
 
 
 @flax.struct.dataclass
