@@ -42,9 +42,13 @@ def validate(config: Config, source_of: Callable[[str], str]) -> None:
         candidate_count(e.candidates)
     except ValueError as err:
         require(False, "eval.candidates", str(err))
+    # A task whose evaluation is not a ranking (a tokenizer) names its own selection metrics
+    # in its model schema: `selection_metrics: ClassVar[tuple[str, ...]]` (higher is better).
+    own = tuple(getattr(type(config.model), "selection_metrics", ()))
     metric_name, _, metric_k = e.metric.partition("@")
-    require(metric_name in METRICS and metric_k.isdigit() and int(metric_k) in e.ks,
-            "eval.metric", f"{e.metric!r} must be hr|ndcg|mrr|recall@K with K in eval.ks {list(e.ks)}")
+    require(e.metric in own or (metric_name in METRICS and metric_k.isdigit() and int(metric_k) in e.ks),
+            "eval.metric", f"{e.metric!r} must be hr|ndcg|mrr|recall@K with K in eval.ks {list(e.ks)}"
+            + (f" or one of {', '.join(own)}" if own else ""))
     require(c.keep >= 1, "checkpoint.keep", "must be >= 1")
     require(c.every >= 0, "checkpoint.every", "must be >= 0")
     for name in ("data", "fsdp", "tensor"):
