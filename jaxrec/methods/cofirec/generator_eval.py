@@ -1,0 +1,178 @@
+"""Evaluation of a generator: trie-constrained beam search over all users of a split.
+
+One jitted program per (layout, exclusion setting) searches a global batch of users,
+sharded over the data axes (the beam state is constrained to `batch`); the trie's
+transition tables are traced arguments, so a new table of the same shape reuses it.
+History exclusion is the last level's mask: at the last step, a code whose trie child is
+an item the user has seen gets log-prob -inf, so it ranks after every unseen item and is
+dropped from the returned list (it only fills a slot when fewer than W unseen items
+remain). Metrics are computed on the host from the returned item lists:
+
+- ranking: rank = 1 + the target's position in the beam (a miss beyond the beam);
+  Recall@K = HR@K under leave-one-out (one target), NDCG@K, MRR@K;
+- `valid_ratio`: returned (live) beams that name an existing item (the trie makes it 1);
+- `duplicate_rate`: returned beams repeating an item earlier in the same user's list (0);
+- `beam_exact_disagreement@k`: on the first `exact_users` users, how often the beam's
+  top-k set differs from the exact top-k (teacher-forced log-likelihood of every item);
+- `beam_users_per_s`: users searched per second, compile excluded when there are >= 2
+  batches.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec.eval.beam_search import constrained_beam_search, exact_item_scores, topk_differs
+from jaxrec.eval.metrics import ranking_metrics
+from jaxrec.methods.cofirec.generator_records import Subset
+
+MISS = np.iinfo(np.int32).max
+
+
+def _seen_mask(history: jax.Array, n_rows: int) -> jax.Array:
+    """[B, n_items + 1] bool: items in each user's history (index 0, the pad, never)."""
+    B = history.shape[0]
+    seen = jnp.zeros((B, n_rows), bool).at[jnp.arange(B)[:, None], history].set(True)
+    return seen.at[:, 0].set(False)
+
+
+def _excluding_seen(fn, transitions, n_levels: int):
+    """`fn` with the last level's codes that lead to a seen item set to -inf."""
+    def wrapped(context, prefix_codes):
+        logp = fn(context["model"], prefix_codes)
+        k = prefix_codes.shape[-1]
+        if k < n_levels - 1:
+            return logp
+        B = prefix_codes.shape[0]
+        pid = jnp.zeros(prefix_codes.shape[:2], jnp.int32)
+        for j in range(k):                       # walk the trie to the prefix's id
+            pid = jnp.maximum(transitions[j][pid, prefix_codes[..., j]], 0)
+        child = transitions[k][pid]              # [B, W, V] trie item ids, -1 = none
+        seen = jnp.take_along_axis(context["seen"], (child + 1).reshape(B, -1), axis=1).reshape(child.shape)
+        return jnp.where(seen & (child >= 0), -jnp.inf, logp)
+    return wrapped
+
+
+def _functions(task, layout):
+    """(search, exact) jitted for this layout; cached on the task (functions, not arrays)."""
+    cache = task.__dict__.setdefault("_eval_fn_cache", {})
+    key = id(layout.mesh)
+    if key in cache:
+        return cache[key]
+    n_rows, n_levels, beam = task.ids.n_items + 1, task.ids.n_levels, task.m.beam
+
+    def scorer(params, transitions, batch, exclude):
+        context = {"model": task.beam_context(params, batch["history_tokens"])}
+        fn = task.logprob_fn(params)
+        if exclude:
+            context["seen"] = _seen_mask(batch["history"], n_rows)
+            return _excluding_seen(fn, transitions, n_levels), context
+        return (lambda ctx, prefix: fn(ctx["model"], prefix)), context
+
+    def search(params, tables, batch, exclude):
+        fn, context = scorer(params, tables.transitions, batch, exclude)
+        items, scores = constrained_beam_search(fn, context, tables, beam)
+        if exclude:                              # seen items (score -inf) are not returned
+            items = jnp.where(jnp.isneginf(scores), -1, items)
+        return items, scores
+
+    def exact(params, trie, batch, exclude):
+        fn, context = scorer(params, trie.transitions, batch, exclude)
+        scores = exact_item_scores(fn, context, trie, task.m.exact_chunk)
+        if exclude:
+            scores = jnp.where(context["seen"][:, 1:], -jnp.inf, scores)
+        return scores
+
+    out = layout.replicated()
+    cache[key] = (jax.jit(search, static_argnums=3, out_shardings=(out, out)),
+                  jax.jit(exact, static_argnums=3, out_shardings=out))
+    return cache[key]
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    return np.asarray(x.addressable_data(0))     # replicated: every process holds the whole array
+
+
+def list_metrics(items: np.ndarray, targets: np.ndarray, n_items: int, ks) -> dict[str, np.ndarray]:
+    """Per-user metrics of returned item lists [N, W] (item indices 1..n_items; <= 0 = none)."""
+    live = items > 0
+    hit = (items == targets[:, None]) & live
+    ranks = np.where(hit.any(1), hit.argmax(1) + 1, MISS)
+    out = {k: np.asarray(v) for k, v in ranking_metrics(ranks, ks).items()}
+    exists = live & (items <= n_items)
+    n_live = np.maximum(live.sum(1), 1)
+    out["valid_ratio"] = exists.sum(1) / n_live
+    ordered = np.sort(np.where(live, items, -np.arange(1, items.shape[1] + 1)), axis=1)
+    out["duplicate_rate"] = (ordered[:, 1:] == ordered[:, :-1]).sum(1) / n_live
+    return out
+
+
+def run_search(task, records, params, tables, evaluator, exclude: bool) -> tuple[np.ndarray, float]:
+    """Item lists [N, W] (item indices, 0 = none) of every record, and users per second."""
+    search, _ = _functions(task, evaluator.layout)
+    out, times, sizes = [], [], []
+    for batch, real in evaluator.batches(records):
+        batch.pop("valid", None)
+        start = time.perf_counter()
+        items = _host(search(params, tables, batch, exclude)[0])
+        times.append(time.perf_counter() - start)
+        sizes.append(real)
+        out.append(items[:real])
+    items = np.concatenate(out)
+    items = np.where(items >= 0, items + 1, 0)   # trie ids are item index - 1
+    warm = slice(1, None) if len(times) > 1 else slice(None)
+    return items, float(sum(sizes[warm]) / max(sum(times[warm]), 1e-9))
+
+
+def disagreement(task, records, beam_items, params, trie, evaluator, exclude: bool, k: int) -> tuple[float, int]:
+    """Fraction of the first `exact_users` users whose beam top-k set differs from the exact
+    one; `beam_items` [N, W] are the search's lists of these records (item indices)."""
+    subset = Subset(records, task.m.exact_users)
+    if len(subset) == 0:
+        return float("nan"), 0
+    _, exact = _functions(task, evaluator.layout)
+    scores = []
+    for batch, real in evaluator.batches(subset):
+        batch.pop("valid", None)
+        scores.append(_host(exact(params, trie, batch, exclude))[:real])
+    differs = _topk_differs(beam_items[:len(subset)] - 1, np.concatenate(scores), k)
+    return float(np.mean(differs)), len(subset)
+
+
+_topk_differs = jax.jit(topk_differs, static_argnums=2)
+
+
+def evaluate_split(task, eval_set, params, evaluator) -> dict[str, Any]:
+    """The metrics of one split. The other history-exclusion setting and the exact scorer
+    run on test splits only (not at every validation)."""
+    ks, n_items = task.config.eval.ks, task.ids.n_items
+    exclude = task.config.eval.exclude_history
+    final = eval_set.name != "valid"
+    trie = jax.device_put(task.trie, evaluator.layout.replicated())
+    result: dict[str, Any] = {}
+    settings = [exclude] + ([not exclude] if task.m.both_exclusions and final else [])
+    targets = np.asarray([eval_set.records[i]["target"] for i in range(len(eval_set.records))])
+    with evaluator.layout.activate():
+        for setting in settings:
+            items, speed = run_search(task, eval_set.records, params, trie.tables, evaluator, setting)
+            per_user = list_metrics(items, targets, n_items, ks)
+            means = {key: float(np.mean(v)) for key, v in per_user.items()}
+            if setting == exclude:
+                result.update(means)
+                result["beam_users_per_s"] = speed
+                beam_items = items
+            else:
+                other = "history_excluded" if setting else "history_included"
+                result.update({f"{other}/{key}": v for key, v in means.items()
+                               if key.split("@")[0] in ("recall", "ndcg")})
+        if task.m.exact_users > 0 and final:
+            k = min(10, task.m.beam)
+            value, n = disagreement(task, eval_set.records, beam_items, params, trie, evaluator, exclude, k)
+            result[f"beam_exact_disagreement@{k}"] = value
+            result["exact_users"] = n
+    result["examples"] = len(eval_set.records)
+    return result
