@@ -40,11 +40,13 @@ def test_smollm2_gguf_logits_match_transformers(both):
     real = mask.astype(bool)
     got, want = got[real], want[real]
     # Every logit of a position is <h, e_v> with the same final hidden state h, so float32
-    # summation-order noise through 30 layers is a fraction of that position's logit scale
-    # (~1e-5: 30 layers x a few ulps (1.2e-7) x sqrt(576)-sized dot products), not of each
-    # logit: a logit near 0 in a row of logits ~40 carries the row's absolute error.
+    # summation-order noise is a fraction of that position's logit scale, not of each logit
+    # (a logit near 0 in a row of logits ~40 carries the row's absolute error). Per layer the
+    # residual stream picks up ~eps * sqrt(d) = 1.2e-7 * 24 = 2.9e-6 relative rounding; over
+    # 30 layers as a random walk ~sqrt(30) * 2.9e-6 = 1.6e-5. The bound is 3x that; one run
+    # of this machine measured at most 5.1e-6.
     scale = np.abs(want).max(axis=-1, keepdims=True)
-    np.testing.assert_array_less(np.abs(got - want), 1e-5 * scale)
+    np.testing.assert_array_less(np.abs(got - want), 5e-5 * scale)
 
 
 def test_smollm2_chat_answers_sensibly_with_transformers_greedy_tokens(both):
