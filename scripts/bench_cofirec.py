@@ -1,0 +1,211 @@
+"""Generative retrieval: CoFiRec vs TIGER (and ablations) on the planted hierarchy; beam-search throughput on Beauty.
+
+Stages (each writes its entry of results/bench_cofirec.json):
+
+  synthetic   the generator (configs/{cofirec,tiger}/synthetic.yaml) on the tokenizer runs of
+              scripts/bench_semantic_ids.py (run its `synthetic` stage first), per seed, under one
+              CPU budget: CoFiRec, TIGER and CoFiRec ablations (reversed level order, no level
+              embedding, no position embedding, decoder-only backbone). R@5/10, N@5/10, ValidRatio,
+              duplicate rate, beam-vs-exact disagreement, popularity, seconds per epoch.
+  beam        Beauty, LETTER's released codes, the T5 generator at LETTER's sizes: all test users in
+              batched jitted passes vs a per-user loop of the same search (users/s). Weights are the
+              initialisation: the search's cost does not depend on them.
+
+    python scripts/bench_semantic_ids.py synthetic      # the tokenizer runs the synthetic stage reads
+    python scripts/bench_cofirec.py synthetic --seeds 0 1 2
+    python scripts/bench_cofirec.py beam --data ../shared/data/amazon/Beauty
+    python scripts/bench_cofirec.py --table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+OUT = REPO / "results" / "bench_cofirec.json"
+TOKENIZER_RUNS = "runs/bench_semantic_ids/synthetic/{mode}-{seed}"     # written by bench_semantic_ids.py
+VARIANTS = {
+    "cofirec": ("configs/cofirec/synthetic.yaml", "cofirec", []),
+    "tiger": ("configs/tiger/synthetic.yaml", "tiger", []),
+    "cofirec_reversed_levels": ("configs/cofirec/synthetic.yaml", "cofirec", ["model.reverse_levels=true"]),
+    "cofirec_no_level_embedding": ("configs/cofirec/synthetic.yaml", "cofirec", ["model.level_embedding=false"]),
+    "cofirec_no_position_embedding": ("configs/cofirec/synthetic.yaml", "cofirec",
+                                      ["model.position_embedding=false"]),
+    "cofirec_decoder": ("configs/cofirec/synthetic.yaml", "cofirec", ["model.backbone=decoder"]),
+}
+REPORTED = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "valid_ratio", "duplicate_rate",
+            "beam_exact_disagreement@10", "beam_users_per_s", "history_excluded/recall@10",
+            "history_excluded/ndcg@10")
+
+
+def _load() -> dict:
+    return json.loads(OUT.read_text()) if OUT.is_file() else {}
+
+
+def _save(key: str, value) -> None:
+    from jaxrec.bench import machine_info, write_json
+    payload = _load()
+    payload[key] = value
+    payload["benchmark"] = "bench_cofirec"
+    payload["machine"] = machine_info()
+    write_json(OUT, payload)
+
+
+def _in_subprocess(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--one", *args], cwd=REPO, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _train_one(config_path: str, overrides: list[str]) -> dict:
+    from jaxrec.bench import peak_rss_mib
+    from jaxrec.config import load_config
+    from jaxrec.train.trainer import train
+    config = load_config(REPO / config_path, overrides)
+    result = train(config)
+    test = result.tests["test"]
+    n_records = _records(config)
+    epochs = result.steps * config.train.batch_size / n_records
+    return {"config": config_path, "overrides": overrides, "steps": result.steps, "epochs": round(epochs, 3),
+            "train_seconds": round(result.train_seconds, 1),
+            "seconds_per_epoch": round(result.train_seconds / max(epochs, 1e-9), 1),
+            "peak_rss_mib": round(peak_rss_mib(), 1), "best_step": result.best_step,
+            "test": {k: test[k] for k in REPORTED if k in test},
+            "popularity": {k: v for k, v in result.baselines.get("popularity", {}).get("test", {}).items()
+                           if k in REPORTED},
+            "protocol": result.protocols.get("test")}
+
+
+def _records(config) -> int:
+    from jaxrec.train.runs import start_session
+    return len(start_session(config, load_frozen=False).task.train_records())
+
+
+def stage_synthetic(args) -> None:
+    rows = _load().get("synthetic", {"budget": None, "runs": {}})
+    budget = [f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.eval_every={args.steps}",
+              "train.log_every=50",
+              f"model.exact_users={args.exact_users}", "train.progress=false"]
+    rows["budget"] = budget
+    for name in args.variants:
+        config, mode, extra = VARIANTS[name]
+        for seed in args.seeds:
+            tokenizer = REPO / TOKENIZER_RUNS.format(mode=mode, seed=seed)
+            if not (tokenizer / "checkpoints").is_dir():
+                raise SystemExit(f"{tokenizer}: missing; run `python scripts/bench_semantic_ids.py synthetic` first")
+            run = _in_subprocess([config, f"model.semantic_ids={tokenizer.relative_to(REPO)}", f"run.seed={seed}",
+                                  f"run.dir=runs/bench_cofirec/synthetic/{name}-{seed}", *budget, *extra])
+            rows["runs"].setdefault(name, {})[str(seed)] = run
+            print(f"{name} seed {seed}: {json.dumps(run['test'])}", flush=True)
+            _save("synthetic", rows)
+    summary = {}
+    for name, per_seed in rows["runs"].items():
+        cells = list(per_seed.values())
+        summary[name] = {"seeds": len(cells), **{
+            f"{k}_{stat}": (statistics.mean if stat == "mean" else statistics.pstdev)(c["test"][k] for c in cells)
+            for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10") for stat in ("mean", "std")}}
+        summary[name]["popularity_ndcg@10"] = cells[0]["popularity"].get("ndcg@10")
+    rows["summary"] = summary
+    _save("synthetic", rows)
+
+
+def _beam_one(data_dir: str, users_loop: int, batch: int) -> dict:
+    import jax
+    from jaxrec.bench import peak_rss_mib
+    from jaxrec.config import load_config
+    from jaxrec.methods.cofirec.generator import beam_search_items
+    from jaxrec.train.evaluation import Evaluator
+    from jaxrec.train.runs import start_session
+    data = Path(data_dir)
+    config = load_config(REPO / "configs/tiger/beauty_letter_codes.yaml",
+                         [f"data.source={data / 'Beauty.txt'}",
+                          f"model.semantic_ids={data / 'letter_Beauty.index.json'}",
+                          "model.exact_users=0", "model.both_exclusions=false", f"eval.batch_size={batch}",
+                          "run.dir=runs/bench_cofirec/beam"])
+    session = start_session(config)
+    task = session.task
+    params = jax.jit(lambda key: task.init(key).trainable)(jax.random.key(0))
+    params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+    evaluator = Evaluator(task, session.layout, batch)
+    test = task.eval_sets("test")[0]
+    started = time.perf_counter()
+    result = task.evaluate(test, params, session.frozen, {}, evaluator)
+    batched_wall = time.perf_counter() - started
+    records = test.records
+    rows = [records[i] for i in range(min(users_loop, len(records)))]
+    beam_search_items(task, params, rows[0]["history_tokens"][None])          # compile the one-user program
+    started = time.perf_counter()
+    for row in rows:
+        beam_search_items(task, params, row["history_tokens"][None])
+    loop_rate = len(rows) / (time.perf_counter() - started)
+    return {"users": len(records), "levels": task.ids.n_levels, "beam": task.m.beam, "batch": batch,
+            "devices": jax.device_count(), "batched_users_per_s": round(result["beam_users_per_s"], 1),
+            "batched_wall_seconds_incl_compile": round(batched_wall, 1),
+            "per_user_loop_users_per_s": round(loop_rate, 2), "loop_users": len(rows),
+            "speedup": round(result["beam_users_per_s"] / loop_rate, 1),
+            "valid_ratio": result.get("valid_ratio"), "duplicate_rate": result.get("duplicate_rate"),
+            "peak_rss_mib": round(peak_rss_mib(), 1)}
+
+
+def stage_beam(args) -> None:
+    run = _in_subprocess(["beam", args.data, str(args.loop_users), str(args.batch)])
+    _save("beam", run)
+    print(json.dumps(run), flush=True)
+
+
+def table() -> str:
+    payload = _load()
+    lines = []
+    summary = payload.get("synthetic", {}).get("summary", {})
+    if summary:
+        lines.append("| variant | seeds | R@5 | R@10 | N@5 | N@10 |")
+        lines.append("| --- | --- | --- | --- | --- | --- |")
+        for name, row in summary.items():
+            cells = [f"{row[f'{k}_mean']:.4f} ± {row[f'{k}_std']:.4f}" for k in ("recall@5", "recall@10", "ndcg@5",
+                                                                              "ndcg@10")]
+            lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
+    if "beam" in payload:
+        lines.append(json.dumps(payload["beam"]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stages", nargs="*", help="synthetic | beam")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=", ".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=200, help="generator steps per synthetic run (CPU budget)")
+    parser.add_argument("--batch-size", type=int, default=128, help="generator batch per synthetic run")
+    parser.add_argument("--exact-users", type=int, default=100)
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "amazon" / "Beauty"))
+    parser.add_argument("--loop-users", type=int, default=100, help="users timed in the per-user loop")
+    parser.add_argument("--batch", type=int, default=512, help="users per batched beam-search pass")
+    parser.add_argument("--table", action="store_true")
+    parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        if args.one[0] == "beam":
+            result = _beam_one(args.one[1], int(args.one[2]), int(args.one[3]))
+        else:
+            result = _train_one(args.one[0], args.one[1:])
+        print(json.dumps(result, default=str))
+        return
+    unknown = [s for s in args.stages if s not in ("synthetic", "beam")]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if unknown or bad:
+        parser.error(f"unknown stage(s) {unknown} or variant(s) {bad}")
+    for stage in args.stages:
+        {"synthetic": stage_synthetic, "beam": stage_beam}[stage](args)
+    print(table())
+
+
+if __name__ == "__main__":
+    main()
