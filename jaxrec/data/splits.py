@@ -40,6 +40,11 @@ class Split:
     def train_lengths(self, store: InteractionStore) -> np.ndarray:
         return self.train_end - store.user_offsets[:-1]
 
+    def stage(self, stage: str) -> dict[str, EvalExamples]:
+        """The non-empty evaluation splits of a stage: "valid" (model selection) or "test"."""
+        examples = {"valid": self.valid} if stage == "valid" else self.tests
+        return {name: ex for name, ex in examples.items() if len(ex)}
+
     def train_mask(self, store: InteractionStore) -> np.ndarray:
         return train_mask(store, self.train_end)
 

@@ -129,13 +129,18 @@ def guide_config(llara_dir: Path, run_dir: Path, hidden: int = 16) -> dict:
 
 def save_untrained_guide(llara_dir: Path, run_dir: Path, hidden: int = 16) -> Path:
     """A seqrec run directory holding one checkpoint of a randomly initialised SASRec: what
-    `load_guide` reads, without paying for training (unit tests need shapes, not quality)."""
+    a task's guide upstream reads, without paying for training (unit tests need shapes, not quality)."""
+    return save_untrained_run(guide_config(llara_dir, run_dir, hidden), run_dir)
+
+
+def save_untrained_run(raw: dict, run_dir: Path) -> Path:
+    """A run directory with one checkpoint of the config's freshly initialised model."""
     from jaxrec.config import build_config, to_dict
     from jaxrec.train.checkpoint import RunCheckpoints
     from jaxrec.train.session import Session
     from jaxrec.train.state import schedule, with_clipping
 
-    config = build_config(guide_config(llara_dir, run_dir, hidden), "guide")
+    config = build_config({**raw, "run": {**raw.get("run", {}), "dir": str(run_dir)}}, "untrained")
     session = Session(config)
     make_state, _, shardings = session.state_layout(
         with_clipping(session.task.optimizer(schedule(config.train, 1)), config.train.grad_clip))

@@ -188,21 +188,10 @@ def test_bad_inputs_are_one_line_errors_naming_the_key(tmp_path):
 
 def _untrained_guide(run_dir, synthetic):
     """A seqrec run directory with one checkpoint of a random SASRec (hidden 8)."""
-    from jaxrec.config import to_dict
-    from jaxrec.train.checkpoint import RunCheckpoints
-    from jaxrec.train.state import schedule, with_clipping
+    from tests.methods.ilora_fixtures import save_untrained_run
     raw = {"task": "seqrec", "data": {"source": "synthetic", "synthetic": synthetic, "max_len": 10},
-           "model": {"hidden": 8, "layers": 1}, "run": {"dir": str(run_dir)}}
-    config = build_config(raw, "guide")
-    session = Session(config)
-    make_state, _, shardings = session.state_layout(
-        with_clipping(session.task.optimizer(schedule(config.train, 1)), config.train.grad_clip))
-    state = session.init_state(make_state, shardings)
-    ckpts = RunCheckpoints(run_dir, async_save=False)
-    ckpts.save(1, state, None, meta={"best_step": 1, "step": 1}, config=to_dict(config),
-               vocab=dict(session.task.vocabulary()))
-    ckpts.close()
-    return run_dir
+           "model": {"hidden": 8, "layers": 1}}
+    return save_untrained_run(raw, run_dir)
 
 
 def test_cf_level_comes_from_a_guide_on_the_same_items(tmp_path):

@@ -229,8 +229,7 @@ class GeneratorTask(Task):
 
     def eval_sets(self, stage: str) -> list[EvalSet]:
         if stage not in self._eval_cache:
-            examples = {"valid": self.split.valid} if stage == "valid" else self.split.tests
-            self._eval_cache[stage] = [self._eval_set(name, ex) for name, ex in examples.items() if len(ex)]
+            self._eval_cache[stage] = [self._eval_set(name, ex) for name, ex in self.split.stage(stage).items()]
         return self._eval_cache[stage]
 
     def _eval_set(self, name, examples) -> EvalSet:
