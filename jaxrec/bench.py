@@ -45,6 +45,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def update_json(path: str | Path, benchmark: str, key: str, value) -> Path:
+    """Replace one stage's entry of a benchmark JSON (kept: the other stages), stamped with this machine."""
+    path = Path(path)
+    payload = json.loads(path.read_text()) if path.is_file() else {}
+    payload.update({key: value, "benchmark": benchmark, "machine": machine_info()})
+    return write_json(path, payload)
+
+
 def write_json(path: str | Path, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

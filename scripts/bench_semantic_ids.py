@@ -41,12 +41,8 @@ def _load() -> dict:
 
 
 def _save(key: str, value) -> None:
-    from jaxrec.bench import machine_info, write_json
-    payload = _load()
-    payload[key] = value
-    payload["benchmark"] = "bench_semantic_ids"
-    payload["machine"] = machine_info()
-    write_json(OUT, payload)
+    from jaxrec.bench import update_json
+    update_json(OUT, "bench_semantic_ids", key, value)
 
 
 def _in_subprocess(stage: str, args: list[str]) -> dict:

@@ -65,13 +65,8 @@ class Trie(struct.PyTreeNode):
     def n_items(self) -> int:
         return int(self.codes.shape[0])
 
-    @property
-    def n_levels(self) -> int:
-        return len(self.transitions)
-
-    @property
-    def width(self) -> int:
-        return int(self.transitions[0].shape[1])
+    n_levels = TrieTables.n_levels       # the same derivations from `transitions`
+    width = TrieTables.width
 
 
 def _check_codes(codes) -> np.ndarray:
