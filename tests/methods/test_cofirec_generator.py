@@ -156,6 +156,7 @@ def test_level_ablations_and_letter_index(codes_file, tmp_path):
     ({"drop_levels": ["cf"]}, {}, "model.drop_levels"),
     ({"drop_levels": ["level3"], "dedup": False}, {}, "model.dedup"),
     ({"semantic_ids": ""}, {}, "model.semantic_ids"),
+    ({"valid_users": -1}, {}, "valid_users"),
 ])
 def test_bad_input_is_a_one_line_error_naming_the_key(codes_file, model, eval_, key):
     raw = raw_config(codes_file, **model)
@@ -175,6 +176,18 @@ def test_table_rows_must_match_the_item_vocabulary_and_histories_must_not_be_emp
     empty = EvalExamples(users=np.array([0, 1]), history_end=start + np.array([1, 0]), targets=np.array([1, 2]))
     with pytest.raises(ConfigError, match="data.min_length: 1 valid examples have an empty history"):
         task._eval_set("valid", empty)
+
+
+def test_valid_users_is_a_fixed_subset_of_validation_and_test_keeps_everyone(codes_file):
+    full = GeneratorTask(build_config(raw_config(codes_file), "c.yaml")).split
+    subset = GeneratorTask(build_config(raw_config(codes_file, valid_users=7), "c.yaml"))
+    chosen = subset.eval_sets("valid")[0].records.records.examples
+    assert len(chosen) == 7 and len(subset.eval_sets("test")[0].records) == len(full.tests["test"])
+    everyone = set(zip(full.valid.users.tolist(), full.valid.history_end.tolist(), full.valid.targets.tolist()))
+    picked = list(zip(chosen.users.tolist(), chosen.history_end.tolist(), chosen.targets.tolist()))
+    assert set(picked) <= everyone and len(set(picked)) == 7
+    again = GeneratorTask(build_config(raw_config(codes_file, valid_users=7), "c.yaml"))
+    assert again.eval_sets("valid")[0].records.records.examples.users.tolist() == chosen.users.tolist()
 
 
 # --------------------------------------------------------------------------- 8 devices

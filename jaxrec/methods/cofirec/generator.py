@@ -27,6 +27,7 @@ import optax
 
 from jaxrec.config import Config, ConfigError
 from jaxrec.data.from_config import load_store, make_split
+from jaxrec.data.splits import EvalExamples
 from jaxrec.data.windows import popularity_counts
 from jaxrec.eval.metrics import EvalProtocol
 from jaxrec.eval.trie import build_trie
@@ -62,6 +63,8 @@ class GeneratorConfig:
     exact_users: int = 100          # users scored exactly for the beam-vs-exact disagreement (0 = off)
     exact_chunk: int = 256          # prefixes per exact-scorer step
     both_exclusions: bool = True    # test splits also report the other eval.exclude_history setting
+    valid_users: int = 0            # validation beam search on this many users (a fixed random subset; 0 = all):
+                                    # the search dominates evaluation time; test splits always use every user
 
     def validate(self, config) -> None:
         if not self.semantic_ids:
@@ -79,6 +82,8 @@ class GeneratorConfig:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
         if self.exact_users < 0:
             raise ConfigError(f"exact_users: must be >= 0, got {self.exact_users}")
+        if self.valid_users < 0:
+            raise ConfigError(f"valid_users: must be >= 0 (0 = every validation user), got {self.valid_users}")
         if self.backbone == "decoder" and self.d_kv % 2:
             raise ConfigError(f"d_kv: the decoder's rotary embeddings need an even head size, got {self.d_kv}")
         if not 0 <= self.dropout < 1:
@@ -233,6 +238,10 @@ class GeneratorTask(Task):
         return self._eval_cache[stage]
 
     def _eval_set(self, name, examples) -> EvalSet:
+        if name == "valid" and 0 < self.m.valid_users < len(examples):
+            # Fixed by the run's seed, so every validation of a run scores the same users.
+            keep = np.sort(np.random.default_rng(self.config.run.seed).permutation(len(examples))[:self.m.valid_users])
+            examples = EvalExamples(examples.users[keep], examples.history_end[keep], examples.targets[keep])
         empty = examples.history_end <= self.store.user_offsets[examples.users]
         if empty.any():
             raise ConfigError(f"{self.config.source}: data.min_length: {int(empty.sum())} {name} examples have an "
