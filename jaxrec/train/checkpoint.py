@@ -24,6 +24,17 @@ from orbax.checkpoint import checkpoint_managers as policies
 log = logging.getLogger("jaxrec")
 
 
+class _DropUntrackedSaveWarning(logging.Filter):
+    """Orbax warns at every save without metrics once `best_fn` is set; periodic saves
+    between evaluations are meant to carry none."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropUntrackedSaveWarning())
+
+
 class CheckpointNotFound(FileNotFoundError):
     pass
 
@@ -39,8 +50,11 @@ class RunCheckpoints:
             keep_policy = policies.AnyPreservationPolicy([
                 keep_policy,
                 policies.BestN(get_metric_fn=lambda m: m[metric], n=1, keep_checkpoints_without_metrics=False)])
+        # `best_fn` is what makes Orbax write a checkpoint's metrics to disk: without it a
+        # resumed run sees the earlier checkpoints without metrics and deletes the best one.
+        best = dict(best_fn=lambda m: m[metric], best_mode="max") if keep_best and metric else {}
         self._options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=async_save, preservation_policy=keep_policy,
+            enable_async_checkpointing=async_save, preservation_policy=keep_policy, **best,
             create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
         self._open()
 
