@@ -7,12 +7,19 @@ Stages (each writes its entry of results/bench_cofirec.json):
               CPU budget: CoFiRec, TIGER and CoFiRec ablations (reversed level order, no level
               embedding, no position embedding, decoder-only backbone). R@5/10, N@5/10, ValidRatio,
               duplicate rate, beam-vs-exact disagreement, popularity, seconds per epoch.
+  beauty      Beauty (leave-one-out, full ranking, history <= 20) under one CPU budget per run
+              (--beauty-steps x --beauty-batch): TIGER and CoFiRec on the tokenizer runs of
+              `bench_semantic_ids.py beauty`, each with the T5 and the decoder-only backbone, per seed,
+              and the T5 on LETTER's released codes. SASRec's row is read from
+              results/bench_sasrec_beauty_default.json (same split and full ranking).
   beam        Beauty, LETTER's released codes, the T5 generator at LETTER's sizes: all test users in
               batched jitted passes vs a per-user loop of the same search (users/s). Weights are the
               initialisation: the search's cost does not depend on them.
 
     python scripts/bench_semantic_ids.py synthetic      # the tokenizer runs the synthetic stage reads
     python scripts/bench_cofirec.py synthetic --seeds 0 1 2
+    python scripts/bench_semantic_ids.py beauty         # the Beauty tokenizer runs the beauty stage reads
+    python scripts/bench_cofirec.py beauty --seeds 0 1
     python scripts/bench_cofirec.py beam --data ../shared/data/amazon/Beauty
     python scripts/bench_cofirec.py --table
 """
@@ -39,6 +46,13 @@ VARIANTS = {
     "cofirec_no_position_embedding": ("configs/cofirec/synthetic.yaml", "cofirec",
                                       ["model.position_embedding=false"]),
     "cofirec_decoder": ("configs/cofirec/synthetic.yaml", "cofirec", ["model.backbone=decoder"]),
+}
+BEAUTY_VARIANTS = {
+    "tiger_t5": ("configs/tiger/beauty.yaml", "runs/tiger-tokenizer-beauty", []),
+    "cofirec_t5": ("configs/cofirec/beauty.yaml", "runs/cofirec-tokenizer-beauty", []),
+    "tiger_decoder": ("configs/tiger/beauty.yaml", "runs/tiger-tokenizer-beauty", ["model.backbone=decoder"]),
+    "cofirec_decoder": ("configs/cofirec/beauty.yaml", "runs/cofirec-tokenizer-beauty", ["model.backbone=decoder"]),
+    "letter_codes_t5": ("configs/tiger/beauty_letter_codes.yaml", "{data}/letter_Beauty.index.json", []),
 }
 REPORTED = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "valid_ratio", "duplicate_rate",
             "beam_exact_disagreement@10", "beam_users_per_s", "history_excluded/recall@10",
@@ -102,15 +116,52 @@ def stage_synthetic(args) -> None:
             rows["runs"].setdefault(name, {})[str(seed)] = run
             print(f"{name} seed {seed}: {json.dumps(run['test'])}", flush=True)
             _save("synthetic", rows)
+    rows["summary"] = _summarise(rows["runs"])
+    _save("synthetic", rows)
+
+
+def stage_beauty(args) -> None:
+    data = Path(args.data)
+    rows = _load().get("beauty", {"budget": None, "runs": {}})
+    budget = [f"data.source={data / 'Beauty.txt'}", f"train.steps={args.beauty_steps}",
+              f"train.batch_size={args.beauty_batch}", f"train.eval_every={args.beauty_steps}",
+              f"checkpoint.every={args.beauty_steps}", f"model.exact_users={args.exact_users}",
+              f"model.valid_users={args.valid_users}", f"model.both_exclusions={str(args.both_exclusions).lower()}",
+              "train.progress=false"]
+    rows["budget"] = budget[1:]
+    for name in args.beauty_variants:
+        config, codes, extra = BEAUTY_VARIANTS[name]
+        codes = codes.format(data=data)
+        if not (REPO / codes).exists():
+            raise SystemExit(f"{codes}: missing; run `python scripts/bench_semantic_ids.py beauty` first")
+        for seed in args.seeds:
+            run = _in_subprocess([config, f"model.semantic_ids={codes}", f"run.seed={seed}",
+                                  f"run.dir=runs/bench_cofirec/beauty/{name}-{seed}", *budget, *extra])
+            rows["runs"].setdefault(name, {})[str(seed)] = run
+            print(f"beauty {name} seed {seed}: {json.dumps(run['test'])} {run['seconds_per_epoch']} s/epoch",
+                  flush=True)
+            _save("beauty", rows)
+    sasrec = REPO / "results" / "bench_sasrec_beauty_default.json"
+    if sasrec.is_file():
+        ref = json.loads(sasrec.read_text())
+        rows["sasrec"] = {"source": "results/bench_sasrec_beauty_default.json", "config": ref.get("config"),
+                          "epochs": ref.get("epochs"), "seconds_per_epoch": ref.get("seconds_per_epoch"),
+                          "test": {k: v for k, v in ref["test"].items() if k != "examples"},
+                          "protocol": ref.get("protocol")}
+    rows["summary"] = _summarise(rows["runs"])
+    _save("beauty", rows)
+
+
+def _summarise(runs: dict) -> dict:
     summary = {}
-    for name, per_seed in rows["runs"].items():
+    for name, per_seed in runs.items():
         cells = list(per_seed.values())
         summary[name] = {"seeds": len(cells), **{
             f"{k}_{stat}": (statistics.mean if stat == "mean" else statistics.pstdev)(c["test"][k] for c in cells)
             for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10") for stat in ("mean", "std")}}
         summary[name]["popularity_ndcg@10"] = cells[0]["popularity"].get("ndcg@10")
-    rows["summary"] = summary
-    _save("synthetic", rows)
+        summary[name]["seconds_per_epoch"] = statistics.mean(c["seconds_per_epoch"] for c in cells)
+    return summary
 
 
 def _beam_one(data_dir: str, users_loop: int, batch: int) -> dict:
@@ -160,14 +211,18 @@ def stage_beam(args) -> None:
 def table() -> str:
     payload = _load()
     lines = []
-    summary = payload.get("synthetic", {}).get("summary", {})
-    if summary:
-        lines.append("| variant | seeds | R@5 | R@10 | N@5 | N@10 |")
-        lines.append("| --- | --- | --- | --- | --- | --- |")
+    for stage in ("synthetic", "beauty"):
+        summary = payload.get(stage, {}).get("summary", {})
+        if not summary:
+            continue
+        lines.append(f"{stage}:")
+        lines.append("| variant | seeds | R@5 | R@10 | N@5 | N@10 | s/epoch |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
         for name, row in summary.items():
             cells = [f"{row[f'{k}_mean']:.4f} ± {row[f'{k}_std']:.4f}" for k in ("recall@5", "recall@10", "ndcg@5",
                                                                               "ndcg@10")]
-            lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells)
+                         + f" | {row.get('seconds_per_epoch', float('nan')):.0f} |")
     if "beam" in payload:
         lines.append(json.dumps(payload["beam"]))
     return "\n".join(lines)
@@ -175,11 +230,19 @@ def table() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stages", nargs="*", help="synthetic | beam")
+    parser.add_argument("stages", nargs="*", help="synthetic | beauty | beam")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=", ".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=200, help="generator steps per synthetic run (CPU budget)")
     parser.add_argument("--batch-size", type=int, default=128, help="generator batch per synthetic run")
+    parser.add_argument("--beauty-variants", nargs="+", default=list(BEAUTY_VARIANTS),
+                        help=", ".join(BEAUTY_VARIANTS))
+    parser.add_argument("--beauty-steps", type=int, default=1000, help="generator steps per Beauty run (CPU budget)")
+    parser.add_argument("--beauty-batch", type=int, default=256, help="generator batch per Beauty run")
+    parser.add_argument("--valid-users", type=int, default=2000,
+                        help="Beauty: validation users (a fixed random subset; the test split always has all)")
+    parser.add_argument("--both-exclusions", action=argparse.BooleanOptionalAction, default=True,
+                        help="Beauty: also search the test split with the other history setting (doubles its cost)")
     parser.add_argument("--exact-users", type=int, default=100)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "amazon" / "Beauty"))
     parser.add_argument("--loop-users", type=int, default=100, help="users timed in the per-user loop")
@@ -194,12 +257,13 @@ def main() -> None:
             result = _train_one(args.one[0], args.one[1:])
         print(json.dumps(result, default=str))
         return
-    unknown = [s for s in args.stages if s not in ("synthetic", "beam")]
-    bad = [v for v in args.variants if v not in VARIANTS]
+    unknown = [s for s in args.stages if s not in ("synthetic", "beauty", "beam")]
+    bad = [v for v in args.variants if v not in VARIANTS] + [v for v in args.beauty_variants
+                                                              if v not in BEAUTY_VARIANTS]
     if unknown or bad:
         parser.error(f"unknown stage(s) {unknown} or variant(s) {bad}")
     for stage in args.stages:
-        {"synthetic": stage_synthetic, "beam": stage_beam}[stage](args)
+        {"synthetic": stage_synthetic, "beauty": stage_beauty, "beam": stage_beam}[stage](args)
     print(table())
 
 

@@ -221,6 +221,9 @@ def _mesh_parity(codes_file, backbone):
     history_tokens = np.stack([r["history_tokens"] for r in rows])
     history = np.stack([r["history"] for r in rows])
     single = beam_search_items(task, host, history_tokens, exclude=history)
+    # One compiled program per task and shape: a per-user loop must not compile per call.
+    np.testing.assert_array_equal(beam_search_items(task, host, history_tokens, exclude=history), single)
+    assert task.__dict__["_items_search"]._cache_size() == 1
     # Item lists are discrete: ties aside (none at random init), they match exactly.
     np.testing.assert_array_equal(sharded, single)
     for items, seen in zip(single, history):

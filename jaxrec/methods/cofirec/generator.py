@@ -279,7 +279,16 @@ class GeneratorTask(Task):
 
 def beam_search_items(task: GeneratorTask, params, history_tokens: np.ndarray, exclude=None) -> np.ndarray:
     """Convenience for scripts and tests: item lists [B, beam] (item indices, 0 = none) of a
-    host batch, on the current devices without a mesh."""
+    host batch, on the current devices without a mesh. Compiled once per task and shape."""
+    history = None if exclude is None else jnp.asarray(exclude)
+    return np.asarray(_items_search(task)(params, task.trie.tables, jnp.asarray(history_tokens), history))
+
+
+def _items_search(task: GeneratorTask):
+    # A fresh jax.jit per call would compile on every call: keep one per task.
+    cached = task.__dict__.get("_items_search")
+    if cached is not None:
+        return cached
     from jaxrec.methods.cofirec.generator_eval import _excluding_seen, _seen_mask
     from jaxrec.eval.beam_search import constrained_beam_search
 
@@ -294,5 +303,5 @@ def beam_search_items(task: GeneratorTask, params, history_tokens: np.ndarray, e
                                                     context, tables, task.m.beam)
             items = jnp.where(jnp.isneginf(scores), -1, items)
         return jnp.where(items >= 0, items + 1, 0)
-    history = None if exclude is None else jnp.asarray(exclude)
-    return np.asarray(jax.jit(run)(params, task.trie.tables, jnp.asarray(history_tokens), history))
+    task.__dict__["_items_search"] = jax.jit(run)
+    return task.__dict__["_items_search"]
