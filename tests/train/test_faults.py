@@ -11,7 +11,7 @@ import pytest
 from jaxrec.cli import main
 from tests.helpers import REPO, cli_env, results, run_cli, write_config
 
-STEPS = {"train": {"steps": 160, "eval_every": 40}, "checkpoint": {"every": 10, "keep": 2}}
+STEPS = {"train": {"steps": 100, "eval_every": 50}, "checkpoint": {"every": 10, "keep": 2}}
 
 
 def checkpoint_steps(run: Path) -> list[int]:
@@ -30,13 +30,13 @@ def test_sigkill_then_rerun_reaches_the_same_metrics(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not [s for s in checkpoint_steps(tmp_path / "crashed")
-                                                                   if s >= 50]:
+                                                                   if s >= 30]:
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = checkpoint_steps(tmp_path / "crashed")[-1]
-    assert 50 <= killed_at < 160
+    assert 30 <= killed_at < 100
 
     out = run_cli(["train", str(crashed)], devices=2)
     assert out.returncode == 0, out.stderr
