@@ -45,14 +45,15 @@ class RunCheckpoints:
         self.run_dir = Path(run_dir).absolute()
         self.directory = self.run_dir / "checkpoints"
         self.metric = metric
-        keep_policy = policies.LatestN(keep)
+        keep_policy, best = policies.LatestN(keep), {}
         if keep_best and metric:
+            def selection(metrics):
+                return metrics[metric]
             keep_policy = policies.AnyPreservationPolicy([
-                keep_policy,
-                policies.BestN(get_metric_fn=lambda m: m[metric], n=1, keep_checkpoints_without_metrics=False)])
-        # `best_fn` is what makes Orbax write a checkpoint's metrics to disk: without it a
-        # resumed run sees the earlier checkpoints without metrics and deletes the best one.
-        best = dict(best_fn=lambda m: m[metric], best_mode="max") if keep_best and metric else {}
+                keep_policy, policies.BestN(get_metric_fn=selection, n=1, keep_checkpoints_without_metrics=False)])
+            # `best_fn` is what makes Orbax write a checkpoint's metrics to disk: without it a
+            # resumed run sees the earlier checkpoints without metrics and deletes the best one.
+            best = dict(best_fn=selection, best_mode="max")
         self._options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save, preservation_policy=keep_policy, **best,
             create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
