@@ -20,7 +20,12 @@ from jaxrec.config.errors import ConfigError, config_error
 from jaxrec.config.schema import Config
 from jaxrec.config.validation import validate
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The mapping in `path`, with its `base:` chain merged under it; `chain` = the files that
+    named this one as their base, so a cycle is reported instead of recursing forever."""
+    if path.resolve() in {p.resolve() for p in chain}:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"{chain[-1]}: base: the chain of bases loops back ({cycle})")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -37,7 +42,7 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = data.pop("base", None)
     if base is not None:
-        merged = _read_yaml((path.parent / str(base)).resolve())
+        merged = _read_yaml((path.parent / str(base)).resolve(), (*chain, path))
         _deep_update(merged, data)
         return merged
     return data
