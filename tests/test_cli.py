@@ -1,6 +1,7 @@
 """End-to-end: every entry point on a tiny config, including restore onto fewer devices."""
 import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
@@ -61,6 +62,10 @@ def test_sampled_protocol_is_labelled_and_seeded(trained_on_8, capsys):
 
 def test_export_loads_without_checkpoint_and_recommends(trained_on_8, tmp_path):
     assert main(["export", str(trained_on_8), str(tmp_path / "export")]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (tmp_path / "export").iterdir():     # shared files: the mode any new file gets
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
     rec = Recommender.load(tmp_path / "export")
     history = [rec.items[i] for i in (1, 2, 3)]
     top = rec.recommend([history], k=5)[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -42,9 +43,18 @@ def export_seqrec(task, params, out_dir: Path) -> list[str]:
     paths = [out_dir / "model.safetensors", out_dir / "model.json", out_dir / "items.json"]
     if jax.process_index() == 0:
         save_file(flat, str(paths[0]), metadata={"format": FORMAT})
+        _readable_like_other_files(paths[0])
         paths[1].write_text(json.dumps(spec, indent=2), encoding="utf-8")
         paths[2].write_text(json.dumps(task.store.item_vocab.tolist()), encoding="utf-8")
     return [str(p) for p in paths]
+
+
+def _readable_like_other_files(path: Path) -> None:
+    """safetensors writes through a private temporary file (mode 0600); an export is meant to
+    be shared, so give it the mode any new file gets here (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 class Recommender:
