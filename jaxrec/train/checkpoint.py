@@ -5,16 +5,19 @@ Layout: `<run>/checkpoints/<step>/{state, data, meta, config, vocab, inputs[, ar
 JSON-able results (e.g. a semantic-ID table) for runs built on this one. Saves are
 async and atomic (Orbax commits a step only when every item is written). The newest N
 checkpoints are kept plus the best one by the selection metric. A checkpoint that
-fails to restore is moved to `<run>/quarantine/` with a warning and the previous one is
-used, so a crash mid-write or a damaged file never blocks a resume and nothing is deleted.
+fails to restore is moved to `<run>/quarantine/` with a one-line warning and the next one
+is tried (`restore_first`, the one path every read takes), so a crash mid-write or a
+damaged file never blocks a resume or an evaluation, and nothing is deleted.
 """
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import grain
 import jax
@@ -33,6 +36,32 @@ class _DropUntrackedSaveWarning(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_DropUntrackedSaveWarning())
+
+
+def _quiet_reads_of_abandoned_restores() -> None:
+    """After a restore fails, TensorStore completes the reads still in flight and calls back
+    into the asyncio loop Orbax has already closed; each callback reports "Event loop is
+    closed" through `sys.unraisablehook` (dozens of tracebacks for one damaged file), and
+    asyncio logs the failed read tasks. Those are dropped (the quarantine warning has
+    said what failed); every other unraisable exception goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxrec_quiet", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+            return
+        previous(unraisable)
+
+    hook._jaxrec_quiet = True
+    sys.unraisablehook = hook
+    # The failed read tasks themselves are reported again when garbage-collected.
+    logging.getLogger("asyncio").addFilter(_DropAbandonedReadTasks())
+
+
+class _DropAbandonedReadTasks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Task exception was never retrieved" not in record.getMessage()
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -57,6 +86,7 @@ class RunCheckpoints:
         self._options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save, preservation_policy=keep_policy, **best,
             create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
+        self._skipped: set[int] = set()    # damaged steps a read-only reader could not move away
         self._open()
 
     def _open(self) -> None:
@@ -84,7 +114,7 @@ class RunCheckpoints:
 
     # ------------------------------------------------------------------ reading
     def steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+        return sorted(s for s in self.manager.all_steps() if s not in self._skipped)
 
     def has_item(self, step: int, item: str) -> bool:
         return (self.directory / str(step) / item).is_dir()
@@ -103,26 +133,66 @@ class RunCheckpoints:
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return {k: out[k] for k in items}
 
-    def restore_latest(self, abstract_state: Any, data_iterator: Any = None) -> tuple[int, dict[str, Any]] | None:
-        """Newest checkpoint that restores cleanly; damaged ones are quarantined."""
-        for step in reversed(self.steps()):
+    def restore_first(self, steps: Iterable[int], abstract_state: Any,
+                      data_iterator: Any = None) -> tuple[int, dict[str, Any]] | None:
+        """The first of `steps` that restores cleanly, or None. Every read of a checkpoint's
+        state goes through here: a damaged one is quarantined (skipped, when the run is
+        read-only) with a one-line warning, and the next is tried."""
+        for step in steps:
             try:
                 return step, self.restore(step, abstract_state, data_iterator)
             except Exception as e:  # any failure to read means the files are unusable
                 self.quarantine(step, e)
         return None
 
+    def restore_latest(self, abstract_state: Any, data_iterator: Any = None) -> tuple[int, dict[str, Any]] | None:
+        """Newest checkpoint that restores cleanly; damaged ones are quarantined."""
+        return self.restore_first(reversed(self.steps()), abstract_state, data_iterator)
+
+    def newest_readable_json(self, item: str) -> tuple[int, Any] | None:
+        """(step, JSON item) of the newest checkpoint whose `item` reads; damaged ones are quarantined."""
+        for step in reversed(self.steps()):
+            try:
+                return step, self.read_json(step, item)
+            except Exception as e:  # unreadable metadata: the checkpoint is damaged
+                self.quarantine(step, e)
+        return None
+
     def quarantine(self, step: int, error: BaseException) -> None:
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        _quiet_reads_of_abandoned_restores()
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        # A reader (evaluate, export) moves it too when it may, but never opens a writable
+        # Orbax manager, which would clean up the temporary files of a training writing now.
+        if self._options.read_only and not os.access(self.directory, os.W_OK):
+            log.warning("checkpoint %s/%d could not be restored (%s: %s); skipped (the run directory is "
+                        "read-only, so it stays where it is)", self.directory, step, type(error).__name__, reason)
+            self._skipped.add(step)
+            return
         target = self.run_dir / "quarantine" / f"{step}-{int(time.time())}"
-        log.warning("checkpoint %s/%d could not be restored (%s: %s); moved to %s, falling back to the "
-                    "previous one", self.directory, step, type(error).__name__, reason, target)
-        if jax.process_index() == 0:
+        log.warning("checkpoint %s/%d could not be restored (%s: %s); moved to %s", self.directory, step,
+                    type(error).__name__, reason, target)
+        if jax.process_index() == 0 and (self.directory / str(step)).exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.directory / str(step)), str(target))
         self._barrier(f"quarantine-{step}")
         self.manager.close()
         self._open()
+
+    def set_aside(self, steps: Iterable[int], why: str) -> Path | None:
+        """Move whole checkpoints out of the way (nothing is deleted): `<run>/set_aside/<why>-<time>/`."""
+        steps = [s for s in steps if (self.directory / str(s)).is_dir()]
+        if not steps:
+            return None
+        self.wait()
+        target = self.run_dir / "set_aside" / f"{why}-{int(time.time())}"
+        if jax.process_index() == 0:
+            target.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                shutil.move(str(self.directory / str(step)), str(target / str(step)))
+        self._barrier(f"set-aside-{why}")
+        self.manager.close()
+        self._open()
+        return target
 
     @staticmethod
     def _barrier(name: str) -> None:

@@ -17,6 +17,7 @@ class ToyModelConfig:
     n_train: int = 512
     blow_up_at_step: int = -1      # inject a NaN loss at this step (fault tests)
     frozen_file: str = ""          # a file standing for a frozen input (fingerprint tests)
+    worse_after_step: int = -1     # validation scores drop by 1 after this many steps (best != newest)
 
 
 class Records:
@@ -83,4 +84,6 @@ class ToyTask(Task):
 
     def eval_step(self, params, frozen, state, batch):
         hit = (self.net.apply({"params": params}, batch["x"]).argmax(-1) == batch["y"]).astype(jnp.float32)
-        return {"ndcg@10": hit, "hr@10": hit}
+        worse = self.config.model.worse_after_step
+        score = hit - ((worse >= 0) & (state["calls"] > worse)).astype(jnp.float32)
+        return {"ndcg@10": score, "hr@10": hit}
