@@ -30,7 +30,8 @@ log = logging.getLogger("jaxrec")
 
 # Overrides that change how a checkpoint is *read* are fine; ones that change what was
 # trained would silently evaluate a different model.
-_EVALUATE_OVERRIDABLE = ("eval.", "mesh.", "data.num_threads", "data.prefetch", "run.dir")
+# `data.source` may point elsewhere (a moved file): the data's hash is still checked.
+_EVALUATE_OVERRIDABLE = ("eval.", "mesh.", "data.num_threads", "data.prefetch", "data.source", "run.dir")
 
 
 @dataclasses.dataclass
@@ -85,27 +86,46 @@ def _mesh_fits(mesh: dict) -> bool:
         return False
 
 
-def _choose_step(run_dir: Path, ckpts: RunCheckpoints, step: str) -> int:
+def _step_order(run_dir: Path, ckpts: RunCheckpoints, step: str) -> list[int]:
+    """The checkpoints to try, the requested one first, then the others newest first (the
+    fallback when the requested one turns out to be damaged)."""
     steps = ckpts.steps()
     if not steps:
         raise CheckpointNotFound(f"{run_dir}/checkpoints: no complete checkpoint")
     if step == "latest":
-        return steps[-1]
-    if step == "best":
-        best = ckpts.read_json(steps[-1], "meta").get("best_step")
-        return best if best in steps else steps[-1]
-    if step.isdigit() and int(step) in steps:
-        return int(step)
-    raise CheckpointNotFound(f"{run_dir}: step {step!r} not found (available: {steps}, best, latest)")
+        first = steps[-1]
+    elif step == "best":
+        newest = ckpts.newest_readable_json("meta")
+        best = newest[1].get("best_step") if newest else None
+        first = best if best in ckpts.steps() else (ckpts.steps() or [None])[-1]
+    elif step.isdigit() and int(step) in steps:
+        first = int(step)
+    else:
+        raise CheckpointNotFound(f"{run_dir}: step {step!r} not found (available: {steps}, best, latest)")
+    if first is None:
+        raise CheckpointNotFound(f"{run_dir}/checkpoints: every checkpoint is damaged (see the warnings above)")
+    return [first] + [s for s in reversed(ckpts.steps()) if s != first]
 
 
 def open_run(run_dir: str | Path, step: str = "best", overrides: Sequence[str] = (),
-             load_frozen: bool = True) -> OpenedRun:
+             load_frozen: bool = True, other_data: bool = False) -> OpenedRun:
+    """Rebuild a run from one checkpoint (`step`: best | latest | a number). A damaged
+    checkpoint is quarantined with a warning and the next one (newest first) is used.
+    `other_data`: allow `data.source=` to name other interactions with the same items."""
     run_dir = find_run_checkpoints(run_dir)
     ckpts = RunCheckpoints(run_dir, read_only=True)
     try:
-        chosen = _choose_step(run_dir, ckpts, step)
-        raw = ckpts.read_json(chosen, "config")
+        order = _step_order(run_dir, ckpts, step)
+        raw = inputs = None
+        for index, candidate in enumerate(order):
+            try:
+                raw = ckpts.read_json(candidate, "config")
+                inputs = ckpts.read_json(candidate, "inputs", default={})
+                break
+            except Exception as e:  # unreadable metadata: the checkpoint is damaged
+                ckpts.quarantine(candidate, e)
+        if raw is None:
+            raise CheckpointNotFound(f"{run_dir}/checkpoints: every checkpoint is damaged (see the warnings above)")
         for text in overrides:
             if not text.startswith(_EVALUATE_OVERRIDABLE):
                 raise ConfigError(f"command line: {text.split('=')[0]}: cannot be changed when evaluating a "
@@ -117,14 +137,19 @@ def open_run(run_dir: str | Path, step: str = "best", overrides: Sequence[str] =
             log.info("the run's mesh %s does not fit the %d devices here; using it data-parallel instead",
                      raw.get("mesh"), jax.device_count())
             raw["mesh"] = {**raw.get("mesh", {}), "data": -1, "fsdp": 1, "tensor": 1}
-        where = f"{run_dir}/checkpoints/{chosen}"
+        where = f"{run_dir}/checkpoints/{order[index]}"
         config = build_config(raw, f"{where}/config", {o.split('=')[0]: "cli" for o in overrides})
         session = start_session(config, load_frozen=load_frozen)
-        session.check_fingerprints(ckpts.read_json(chosen, "inputs", default={}), where)
+        session.check_fingerprints(inputs, where, other_data=other_data)
         tx = with_clipping(session.task.optimizer(schedule(config.train, max(config.train.steps, 1))),
                            config.train.grad_clip)
         _, boxed, shardings = session.state_layout(tx)
-        state = ckpts.restore(chosen, unboxed_abstract(boxed, shardings))["state"]
+        restored = ckpts.restore_first(order[index:], unboxed_abstract(boxed, shardings))
+        if restored is None:
+            raise CheckpointNotFound(f"{run_dir}/checkpoints: every checkpoint is damaged (see the warnings above)")
+        chosen, state = restored[0], restored[1]["state"]
+        if chosen != order[0]:
+            log.warning("using checkpoint %d instead of %s (%d), which is damaged", chosen, step, order[0])
         artifacts = ckpts.read_json(chosen, "artifacts", default={})
     finally:
         ckpts.close()
@@ -132,8 +157,8 @@ def open_run(run_dir: str | Path, step: str = "best", overrides: Sequence[str] =
 
 
 def evaluate_run(run_dir: str | Path, step: str = "best", split: str = "test",
-                 overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
-    run = open_run(run_dir, step, overrides)
+                 overrides: Sequence[str] = (), other_data: bool = False) -> dict[str, dict[str, Any]]:
+    run = open_run(run_dir, step, overrides, other_data=other_data)
     session, state, task = run.session, run.state, run.task
     evaluator = Evaluator(task, session.layout, session.config.eval.batch_size)
     stages = ("valid", "test") if split == "all" else (split,)
@@ -148,8 +173,12 @@ def evaluate_run(run_dir: str | Path, step: str = "best", split: str = "test",
     if jax.process_index() == 0:
         print(format_report(task.name, results, baselines, protocols, run.step))
         out = Path(run.run_dir) / f"evaluate-step{run.step}.json"
-        out.write_text(json.dumps({"step": run.step, "results": results, "protocols": protocols,
-                                   "baselines": baselines}, indent=2))
+        try:
+            out.write_text(json.dumps({"step": run.step, "results": results, "protocols": protocols,
+                                       "baselines": baselines}, indent=2))
+        except OSError as e:   # the table above is the result; a read-only run still gets it
+            log.warning("could not write the report %s (%s); the table above is all there is", out,
+                        e.strerror or e)
     return results
 
 

@@ -7,6 +7,7 @@ another session.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping
 
@@ -19,8 +20,11 @@ import optax
 from jaxrec import registry
 from jaxrec.config import Config, ConfigError
 from jaxrec.sharding import Layout, MeshError
+from jaxrec.train.run_identity import data_fingerprints
 from jaxrec.train.state import TrainState
 from jaxrec.train.task import Clock, Task
+
+log = logging.getLogger("jaxrec")
 
 
 def build_layout(config: Config) -> Layout:
@@ -49,17 +53,35 @@ class Session:
         self.frozen = self.task.load_frozen(self.layout) if load_frozen else {}
 
     def fingerprints(self) -> dict[str, str]:
-        """Every frozen input's identity: upstream runs' parameter hashes and the task's own."""
+        """Every frozen input's identity: the data, upstream runs' parameter hashes, the task's own."""
         runs = {f"upstream.{name}": run.sha256 for name, run in sorted(self.upstream.items())}
-        return {**runs, **self.task.fingerprints()}
+        return {**data_fingerprints(self.task.store), **runs, **self.task.fingerprints()}
 
-    def check_fingerprints(self, saved: Mapping[str, str] | None, where: str) -> None:
-        """Refuse a checkpoint whose frozen inputs differ from the ones loaded now."""
+    def check_fingerprints(self, saved: Mapping[str, str] | None, where: str, other_data: bool = False) -> None:
+        """Refuse a checkpoint whose frozen inputs differ from the ones loaded now.
+
+        `other_data`: accept other interactions (evaluating a model on another file) as long
+        as the item vocabulary is the same; a different vocabulary is always refused.
+        """
         now = self.fingerprints()
+        source = self.config.data.source
         for key, then in (saved or {}).items():
-            if key in now and now[key] != then:
-                raise ConfigError(f"{where}: the checkpoint was made with {key} sha256 {then[:16]}…, but the input "
-                                  f"loaded now has sha256 {now[key][:16]}…; point the config at the original files")
+            if key not in now or now[key] == then:
+                continue
+            if key == "data.items":
+                raise ConfigError(f"{where}: the checkpoint's item vocabulary (sha256 {then[:16]}…) differs from "
+                                  f"the one read from data.source={source} ({self.task.store.n_items:,} items, "
+                                  f"sha256 {now[key][:16]}…); the model's item ids would not mean the same items")
+            if key == "data":
+                if other_data:
+                    log.warning("%s: evaluating on other data than the run was trained on (data.source=%s, "
+                                "sha256 %s…, trained on %s…)", where, source, now[key][:16], then[:16])
+                    continue
+                raise ConfigError(f"{where}: the checkpoint was trained on data with sha256 {then[:16]}…, but "
+                                  f"data.source={source} holds other interactions (sha256 {now[key][:16]}…); point "
+                                  f"data.source at the original file, or pass --other-data to evaluate on it anyway")
+            raise ConfigError(f"{where}: the checkpoint was made with {key} sha256 {then[:16]}…, but the input "
+                              f"loaded now has sha256 {now[key][:16]}…; point the config at the original files")
 
     def state_layout(self, tx: optax.GradientTransformation):
         """(make_state, its boxed abstract value, the NamedShardings its logical axes imply)."""

@@ -96,6 +96,10 @@ class Task:
 
     name: ClassVar[str] = ""
     model_config: ClassVar[type]
+    # The interactions it trains and evaluates on (`jaxrec.data.store.InteractionStore`), set
+    # in `__init__`; its content hash is saved in every checkpoint, so a resume or an
+    # evaluation on other data is refused.
+    store: Any = None
 
     def __init__(self, config: Config, upstream: Mapping[str, Any] | None = None):
         """`upstream` maps the names of `upstream(config)` to opened runs (`jaxrec.train.runs.OpenedRun`)."""
