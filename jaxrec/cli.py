@@ -1,17 +1,27 @@
 """`jaxrec train | evaluate | export | data stats | generate`.
 
-Expected failures (bad config, malformed data, missing checkpoint, NaN loss) print one
-line naming the file/key/step and exit with status 2; they never show a traceback.
+Expected failures (bad config, malformed data, missing or damaged checkpoints, NaN loss,
+a run directory another training holds, a full disk, a read-only or forbidden path)
+print one line naming the file/key/step and exit with status 2; they never show a
+traceback. A training stopped by SIGTERM saves a checkpoint and exits with 143 (128 +
+SIGTERM, what schedulers expect of a terminated job), so a scheduler can tell it from a
+crash (1) and requeue it; Ctrl-C exits with 130.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 143
+# Errors of the machine rather than of jaxrec: reported as one line naming the path.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                       errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                       errno.EPERM: "operation not permitted"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,10 +32,18 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train a run. Rerunning the same command resumes from its latest checkpoint.")
     p.add_argument("config", nargs="?", help="YAML file in configs/ (default: SASRec on the embedded synthetic data)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=3e-4 mesh.data=4")
+    p.add_argument("--restart", action="store_true",
+                   help="set the run directory's checkpoints aside (moved to set_aside/, not deleted) and start over")
+    p.add_argument("--from-step", type=int, default=None, metavar="N",
+                   help="resume from checkpoint N; later checkpoints are set aside (e.g. after a divergence)")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint (needs nothing but the run directory)")
     p.add_argument("run_dir", help="run directory (the one holding checkpoints/)")
-    p.add_argument("overrides", nargs="*", help="eval.* or mesh.* overrides, e.g. eval.candidates=sampled:100")
+    p.add_argument("overrides", nargs="*",
+                   help="eval.*, mesh.* or data.source overrides, e.g. eval.candidates=sampled:100")
+    p.add_argument("--other-data", action="store_true",
+                   help="accept a data.source whose interactions differ from the training data's "
+                        "(the item vocabulary must still match)")
     p.add_argument("--step", default="best", help="best | latest | a step number (default: best)")
     p.add_argument("--split", default="test", choices=["valid", "test", "all"])
 
@@ -53,9 +71,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxrec.registry import UnknownTask
     from jaxrec.sharding import MeshError
     from jaxrec.train.checkpoint import CheckpointNotFound
-    from jaxrec.train.trainer import NonFiniteLoss
+    from jaxrec.train.run_lock import RunDirectoryBusy
+    from jaxrec.train.trainer import CheckpointsDamaged, NonFiniteLoss
     from jaxrec.weights.errors import CheckpointFormatError, TensorMismatchError, UnsupportedModelError
     errors: list[type[BaseException]] = [ConfigError, UnknownTask, MeshError, CheckpointNotFound, NonFiniteLoss,
+                                         CheckpointsDamaged, RunDirectoryBusy,
                                          FileNotFoundError,
                                          CheckpointFormatError, TensorMismatchError, UnsupportedModelError]
     try:
@@ -67,18 +87,53 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come after flags (`train c.yaml --from-step 4 train.lr=1e-3`), which
+    # argparse's positional `nargs="*"` does not collect on its own.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from jaxrec.train.trainer import Preempted
     try:
         return _dispatch(args)
     except _user_errors() as e:
         print(f"jaxrec: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Preempted as e:
+        print(f"jaxrec: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except Exception as e:
+        cause = environment_error(e)
+        if cause is None:
+            raise
+        print(f"jaxrec: error: {cause}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("jaxrec: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+
+
+def environment_error(error: BaseException) -> str | None:
+    """One line for a disk-full / read-only / permission error anywhere in the exception's
+    chain (Orbax and Grain wrap the OSError of a failed write in their own errors), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
+            path = error.filename or "a file"
+            return (f"{path}: {_ENVIRONMENT_ERRNOS[error.errno]}; nothing already written was lost (rerun the same "
+                    f"command to resume once it is fixed)")
+        text = str(error)
+        for code, words in _ENVIRONMENT_ERRNOS.items():
+            if os.strerror(code) in text:
+                return f"{words} ({text.strip().splitlines()[0][:300]}); rerun the same command once it is fixed"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _dispatch(args) -> int:
@@ -88,12 +143,13 @@ def _dispatch(args) -> int:
         config = load_config(args.config, args.overrides)
         maybe_initialize(config.distributed, config.source)   # before any other JAX call
         from jaxrec.train.trainer import train
-        result = train(config)
+        result = train(config, restart=args.restart, from_step=args.from_step)
         print(f"run directory: {result.run_dir} ({result.seconds:.0f} s)")
         return 0
     if args.command == "evaluate":
         from jaxrec.train.runs import evaluate_run
-        evaluate_run(args.run_dir, step=args.step, split=args.split, overrides=args.overrides)
+        evaluate_run(args.run_dir, step=args.step, split=args.split, overrides=args.overrides,
+                     other_data=args.other_data)
         return 0
     if args.command == "export":
         from jaxrec.train.runs import export_run

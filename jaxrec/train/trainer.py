@@ -19,11 +19,13 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxrec.config import Config, ConfigError, save_config, to_dict
+from jaxrec.config import Config, ConfigError, build_config, save_config, to_dict
 from jaxrec.train import pipeline
-from jaxrec.train.checkpoint import RunCheckpoints
+from jaxrec.train.checkpoint import CheckpointNotFound, RunCheckpoints
 from jaxrec.train.evaluation import Evaluator
 from jaxrec.train.reporting import MetricsWriter, column_order, format_report, read_metrics
+from jaxrec.train.run_identity import config_drift, flatten, portable_config
+from jaxrec.train.run_lock import RunLock
 from jaxrec.train.runs import start_session
 from jaxrec.train.session import Session, make_train_step, total_steps
 from jaxrec.train.state import schedule, unboxed_abstract, with_clipping
@@ -32,7 +34,19 @@ log = logging.getLogger("jaxrec")
 
 
 class NonFiniteLoss(RuntimeError):
-    """Training produced NaN/inf; the run stopped and the last good checkpoint is kept."""
+    """Training produced NaN/inf; the run stopped and the last good checkpoint is named."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was saved. The CLI exits with `EXIT_PREEMPTED`."""
+
+
+class CheckpointsDamaged(RuntimeError):
+    """Every checkpoint of a run failed to restore (all quarantined); `--restart` starts over."""
+
+
+# How far above its lowest a loss may go before the run counts as diverging (`good_checkpoint`).
+DIVERGENCE_FACTOR = 2.0
 
 
 @dataclasses.dataclass
@@ -61,10 +75,12 @@ class Progress:
 
     def record(self, step: int, values: dict, metric: str, patience: int) -> None:
         current = values.get(metric)
-        if current is not None and (self.best_metric is None or current > self.best_metric):
-            self.best_step, self.best_metric, self.bad_evals = step, current, 0
-        else:
-            self.bad_evals += 1
+        improved = current is not None and (self.best_metric is None or current > self.best_metric)
+        # A tie moves the best to the later step: the checkpoint Orbax's BestN keeps on ties
+        # (it sorts stably and keeps the last), so the best step always exists on disk.
+        if improved or (current is not None and current == self.best_metric):
+            self.best_step, self.best_metric = step, current
+        self.bad_evals = 0 if improved else self.bad_evals + 1
         self.last_valid = values
         if patience and self.bad_evals >= patience:
             self.stopped_early = True
@@ -86,6 +102,7 @@ class StepChecker:
         self.writer, self.ckpts = writer, ckpts
         self.pending: tuple[int, Any] | None = None
         self.last_loss = float("nan")
+        self.losses: dict[int, float] = {}     # every step's loss this process has seen
 
     def push(self, step: int, metrics: Any) -> None:
         self.flush()
@@ -96,17 +113,47 @@ class StepChecker:
             step, metrics = self.pending
             self.pending = None
             values = jax.device_get(metrics)
+            self.losses[step] = float(values["loss"])
             bad = [k for k, v in values.items() if not np.all(np.isfinite(v))]
             if bad:
                 self.writer.write("error", step, {"non_finite": ", ".join(bad)})
                 self.ckpts.wait()
-                kept = self.ckpts.steps()
-                raise NonFiniteLoss(f"non-finite {', '.join(bad)} at step {step}; stopped. Last good checkpoint: "
-                                    f"{kept[-1] if kept else 'none'} in {self.ckpts.directory}")
+                raise NonFiniteLoss(f"non-finite {', '.join(bad)} at step {step}; stopped. "
+                                    f"{self.last_good(step)}")
             if log_it:
                 self.writer.write("train", step, _scalars(values))
             self.last_loss = float(values["loss"])
         return self.last_loss
+
+    def last_good(self, bad_step: int) -> str:
+        """Which checkpoint to resume from, by the rule of `good_checkpoint`."""
+        kept = [s for s in self.ckpts.steps() if s < bad_step]
+        for step in reversed(kept):
+            if good_checkpoint(step, self.losses):
+                return (f"Last good checkpoint: {step} (the loss after it, {self.losses[step + 1]:.4g}, is finite "
+                        f"and not diverging); resume from it with a smaller train.lr: "
+                        f"rerun with --from-step {step} (later checkpoints are set aside, not deleted)")
+        unchecked = [s for s in kept if s + 1 not in self.losses]
+        if unchecked:
+            return (f"No checkpoint of this session passes the divergence check; checkpoint {unchecked[-1]} was "
+                    f"saved before it and is unchecked: rerun with --from-step {unchecked[-1]} and a smaller "
+                    f"train.lr, or --restart")
+        return "No good checkpoint to resume from: rerun with --restart and a smaller train.lr"
+
+
+def good_checkpoint(step: int, losses: dict[int, float]) -> bool:
+    """A checkpoint saved after `step` updates is good when the next step's loss (computed
+    with its parameters, so NaN/inf parameters show up there) is finite and exceeds the
+    lowest loss before it by at most (DIVERGENCE_FACTOR - 1) x the loss scale, the larger of
+    |lowest| and |first loss seen| (sign-safe: losses may be negative). Unknown: not good."""
+    after = losses.get(step + 1)
+    if after is None or not np.isfinite(after):
+        return False
+    before = [losses[s] for s in sorted(losses) if s <= step and np.isfinite(losses[s])]
+    if not before:
+        return True
+    lowest = min(before)
+    return after <= lowest + (DIVERGENCE_FACTOR - 1.0) * max(abs(lowest), abs(before[0]))
 
 
 class Preemption:
@@ -140,18 +187,90 @@ def evaluate_stage(session: Session, stage: str, state, evaluator: Evaluator) ->
             for s in session.task.eval_sets(stage)}
 
 
-def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
+def train(config: Config, stop_at_step: int | None = None, restart: bool = False,
+          from_step: int | None = None) -> TrainResult:
     """Train (or resume) the run described by `config`; returns the final report.
 
+    `restart`: set the run's checkpoints aside (moved, not deleted) and train from step 0.
+    `from_step`: resume from that checkpoint, setting the later ones aside.
     `stop_at_step` ends the loop early as if interrupted (tests of resumption use it).
     """
+    run_dir = config.run_dir.absolute()
+    with RunLock(run_dir, enabled=jax.process_index() == 0):
+        return _train(config, run_dir, stop_at_step, restart, from_step)
+
+
+def _resume_point(session: Session, ckpts: RunCheckpoints, config_json: dict, restart: bool,
+                  from_step: int | None) -> None:
+    """Make the newest checkpoint the one to resume from, or refuse: set checkpoints aside
+    for --restart / --from-step, then compare the config and the frozen inputs with the
+    newest checkpoint's (`run_identity`)."""
+    cfg = session.config
+    if restart and ckpts.steps():
+        where = ckpts.set_aside(ckpts.steps(), "restart")
+        metrics = ckpts.run_dir / "metrics.jsonl"
+        if metrics.is_file() and jax.process_index() == 0:
+            metrics.rename(where / metrics.name)
+        log.info("--restart: the previous checkpoints and metrics were moved to %s", where)
+    if from_step is not None and from_step not in ckpts.steps():
+        raise CheckpointNotFound(f"--from-step {from_step}: no such checkpoint in {ckpts.directory} "
+                                 f"(available: {ckpts.steps() or 'none'})")
+    if not ckpts.steps():
+        return
+    if not cfg.checkpoint.resume:
+        raise ConfigError(f"{cfg.source}: checkpoint.resume: false, but {ckpts.directory} already holds "
+                          f"checkpoints {ckpts.steps()}; choose another run.dir, or rerun with --restart")
+    if from_step is not None:
+        try:
+            reference = (from_step, ckpts.read_json(from_step, "config"))
+        except Exception as e:  # unreadable metadata: the checkpoint is damaged
+            ckpts.quarantine(from_step, e)
+            raise CheckpointNotFound(f"--from-step {from_step}: that checkpoint is damaged (moved to quarantine/); "
+                                     f"available: {ckpts.steps() or 'none'}") from None
+    else:
+        reference = ckpts.newest_readable_json("config")
+        if reference is None:
+            raise CheckpointsDamaged(f"{ckpts.directory}: every checkpoint is damaged (moved to "
+                                     f"{ckpts.run_dir / 'quarantine'}); rerun with --restart to train from step 0")
+    step, saved = reference
+    paths = _path_keys(session)
+    drift = config_drift(portable_config(_with_defaults(saved, cfg.source), paths), config_json)
+    if drift.defining:
+        raise ConfigError(f"{cfg.source}: this run directory ({ckpts.run_dir}) holds a run made with another "
+                          f"model or data config: {'; '.join(map(str, drift.defining))}. Choose another run.dir "
+                          f"for the new config, or rerun with --restart to set the old checkpoints aside")
+    for change in drift.schedule:
+        log.info("resuming with a changed schedule: %s", change)
+    session.check_fingerprints(ckpts.read_json(step, "inputs", default={}), f"{ckpts.directory}/{step}")
+    if from_step is not None:
+        where = ckpts.set_aside([s for s in ckpts.steps() if s > from_step], f"after-{from_step}")
+        if where:
+            log.info("--from-step %d: the later checkpoints were moved to %s", from_step, where)
+
+
+def _with_defaults(saved: dict, source: str) -> dict:
+    """A stored config with the defaults of keys added since it was written filled in, so a
+    new option is not mistaken for a change (as stored when it no longer parses)."""
+    try:
+        return to_dict(build_config(json.loads(json.dumps(saved)), f"{source} (stored checkpoint config)"))
+    except ConfigError:
+        return saved
+
+
+def _path_keys(session: Session) -> list[str]:
+    """Config keys holding paths: upstream runs, and model.* strings that name a file or folder."""
+    keys = [spec.key for spec in type(session.task).upstream(session.config).values()]
+    model = to_dict(session.config).get("model") or {}
+    keys += [f"model.{k}" for k, v in flatten(model).items() if isinstance(v, str) and "/" in v]
+    return keys
+
+
+def _train(config: Config, run_dir: Path, stop_at_step: int | None, restart: bool,
+           from_step: int | None) -> TrainResult:
     started = time.time()
     session = start_session(config)
     task, layout, cfg = session.task, session.layout, config
-    run_dir = cfg.run_dir.absolute()
     is_main = jax.process_index() == 0
-    if is_main:
-        save_config(cfg, run_dir / "config.yaml")
 
     records = task.train_records()
     n_steps = total_steps(cfg, len(records))
@@ -166,15 +285,16 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
 
     ckpts = RunCheckpoints(run_dir, keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
                            async_save=cfg.checkpoint.async_save, metric=cfg.eval.metric)
-    if not cfg.checkpoint.resume and ckpts.steps():
-        raise ConfigError(f"{cfg.source}: checkpoint.resume: false, but {ckpts.directory} already holds "
-                          f"checkpoints {ckpts.steps()}; choose another run.dir or remove them")
+    config_json = portable_config(to_dict(cfg), _path_keys(session))
+    _resume_point(session, ckpts, config_json, restart, from_step)
+    if is_main:
+        save_config(cfg, run_dir / "config.yaml")
     fingerprints = session.fingerprints()
-    if cfg.checkpoint.resume and ckpts.steps():
-        latest = ckpts.steps()[-1]
-        session.check_fingerprints(ckpts.read_json(latest, "inputs", default={}), f"{ckpts.directory}/{latest}")
-    restored = ckpts.restore_latest(unboxed_abstract(boxed, state_shardings), data_iter) \
-        if cfg.checkpoint.resume else None
+    had_checkpoints = bool(ckpts.steps())
+    restored = ckpts.restore_latest(unboxed_abstract(boxed, state_shardings), data_iter) if had_checkpoints else None
+    if had_checkpoints and restored is None:
+        raise CheckpointsDamaged(f"{ckpts.directory}: every checkpoint is damaged (moved to "
+                                 f"{ckpts.run_dir / 'quarantine'}); rerun with --restart to train from step 0")
     if restored is None:
         state, progress = session.init_state(make_state, state_shardings), Progress()
     else:
@@ -185,7 +305,7 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
     writer = MetricsWriter(run_dir)
     checker = StepChecker(writer, ckpts)
     evaluator = Evaluator(task, layout, cfg.eval.batch_size)
-    vocab, config_json = dict(task.vocabulary()), to_dict(cfg)
+    vocab = dict(task.vocabulary())
     frozen = session.frozen
     base_key = jax.random.key(cfg.run.seed + 1)
     train_step = make_train_step(task, tx, sched, n_steps, cfg.train.microbatches)
@@ -248,8 +368,8 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
                 save(state, step)
             if preemption.signal:
                 ckpts.wait()
-                raise SystemExit(f"stopped by signal {preemption.signal} at step {step}; checkpoint saved, "
-                                 f"rerun the same command to resume")
+                raise Preempted(f"stopped by signal {preemption.signal} at step {step}; checkpoint saved, "
+                                f"rerun the same command to resume")
         checker.flush()
         ckpts.wait()
 
@@ -261,7 +381,13 @@ def train(config: Config, stop_at_step: int | None = None) -> TrainResult:
 
     best_step = progress.best_step if progress.best_step is not None else step
     if best_step != step:
-        state = ckpts.restore(best_step, unboxed_abstract(boxed, state_shardings))["state"]
+        best = ckpts.restore_first([best_step], unboxed_abstract(boxed, state_shardings))
+        if best is None:
+            log.warning("the best checkpoint (step %d) is damaged; reporting the final state (step %d) instead",
+                        best_step, step)
+            best_step = step
+        else:
+            state = best[1]["state"]
     tests = evaluate_stage(session, "test", state, evaluator)
     protocols = {s.name: s.protocol for s in task.eval_sets("test")}
     for name, values in tests.items():
