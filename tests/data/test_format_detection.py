@@ -2,10 +2,13 @@
 
 Each case below was read silently as something else before detection refused to guess.
 """
+import typing
+
 import numpy as np
 import pytest
 
 from jaxrec.cli import main
+from jaxrec.config import ConfigError, DataConfig, load_config
 from jaxrec.data.readers import FORMATS, DataFormatError, read_interactions
 
 
@@ -135,6 +138,20 @@ def test_recbole_header_decides_and_metadata_files_are_refused(tmp_path):
 
 
 # --- data.format / --format -----------------------------------------------------------------
+def test_config_format_choices_are_the_readers_formats():
+    assert typing.get_args(typing.get_type_hints(DataConfig)["format"]) == FORMATS
+
+
+def test_bogus_data_format_in_a_config_names_the_key_and_choices(tmp_path):
+    config = write(tmp_path, "c.yaml", "data: {source: x.txt, format: bogus}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(config)
+    assert str(e.value) == (f"{config}: data.format: 'bogus' is not one of auto, pairs, sequences, ratings, "
+                            "movielens, recbole, llara")
+    with pytest.raises(ConfigError, match=r"data.format: 'bogus' is not one of auto, pairs"):
+        load_config(None, ["data.format=bogus"])
+
+
 def test_data_stats_with_a_bogus_format_is_one_line_and_exit_2(tmp_path, capsys):
     path = write(tmp_path, "u.txt", "1 2\n1 3\n")
     assert main(["data", "stats", str(path), "--format", "bogus"]) == 2
