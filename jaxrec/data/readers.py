@@ -79,12 +79,13 @@ def _read_table(path, format: str, ids: str = "auto", min_rating: float | None =
     raw = read_text(path)
     rows = split_rows(path, raw)
     header = detect.header_layout(rows)
+    header_width = None
     if header is not None:
         if format not in (detect.TABLE, header):
             raise DataFormatError(path, rows.line[0], f"the header names a {header} layout, but the format "
                                                       f"is {format}" + (" (sequences files have no header)"
                                                                         if format == "sequences" else ""))
-        width = int(rows.count[0])
+        header_width = int(rows.count[0])
         rows = rows.drop_first()
     elif ids != "str":
         detect.reject_unrecognised_header(rows)
@@ -97,25 +98,23 @@ def _read_table(path, format: str, ids: str = "auto", min_rating: float | None =
         raise DataFormatError(path, None, f"min_rating needs a rating column; this file is read as {format}")
     if format == "sequences":
         return _sequences(path, rows, ids)
-    if header is None:
-        width = int(rows.count[0])
+
+    width = header_width or int(rows.count[0])
     if format == "ratings":
         rows.require_counts((4,), "4 fields (user item rating timestamp)")
     elif width not in (2, 3):
         rows.require_counts((2, 3), "2 fields (user item) or 3 (user item timestamp)")
-    rows.require_counts((width,), f"{width} fields like line {rows.line[0]}" if header is None
-                        else f"{width} fields like the header")
+    rows.require_counts((width,), f"{width} fields like " + ("the header" if header_width else f"line {rows.line[0]}"))
     user_idx, user_vocab = index_tokens(rows.column(0), ids, rows, rows.start, "user id")
     item_idx, item_vocab = index_tokens(rows.column(1), ids, rows, rows.start + 1, "item id")
     timestamps = _timestamps(rows, rows.start + width - 1) if width >= 3 else None
     source = f"{format}:{path.name}"
-    if format == "ratings" and min_rating is not None:
-        keep = parse_numbers(rows, rows.start + 2, np.float64, "rating") >= min_rating
-        user_idx, user_vocab, item_idx, item_vocab, timestamps = _keep_events(
-            keep, user_idx, user_vocab, item_idx, item_vocab, timestamps)
-        source += f",min_rating={min_rating:g}"
-    elif format == "ratings":
-        parse_numbers(rows, rows.start + 2, np.float64, "rating")   # a bad rating is a bad line all the same
+    if format == "ratings":
+        rating = parse_numbers(rows, rows.start + 2, np.float64, "rating")   # checked even when not filtered
+        if min_rating is not None:
+            user_idx, user_vocab, item_idx, item_vocab, timestamps = _keep_events(
+                rating >= min_rating, user_idx, user_vocab, item_idx, item_vocab, timestamps)
+            source += f",min_rating={min_rating:g}"
     return assemble(user_idx, user_vocab, item_idx, item_vocab, timestamps, source)
 
 
