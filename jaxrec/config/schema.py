@@ -22,7 +22,8 @@ class RunConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "synthetic"      # "synthetic" or a path (file or directory)
-    format: str = "auto"           # reader: auto | pairs | sequences | movielens | recbole | llara
+    # reader (jaxrec.data.readers.FORMATS; a test keeps the two equal)
+    format: Literal["auto", "pairs", "sequences", "ratings", "movielens", "recbole", "llara"] = "auto"
     synthetic: str = "default"     # preset of the embedded generator: default | tiny | hierarchy | hierarchy_tiny
     synthetic_options: dict = field(default_factory=dict)   # generator fields to change, e.g. {n_users: 500}
     split: Literal["leave_one_out", "gap", "temporal", "llara"] = "leave_one_out"   # llara: the directory's own rows

@@ -64,13 +64,57 @@ def combine_llara(stores: dict[str, InteractionStore]) -> InteractionStore:
 
 
 def make_split(store: InteractionStore, data: DataConfig, source: str = "config") -> splits.Split:
+    """The split `data.split` names, checked to leave something to train on and to evaluate."""
     try:
         if data.split == "leave_one_out":
-            return splits.leave_one_out(store, min_length=data.min_length)
-        if data.split == "llara":
-            return splits.llara_split(store, np.char.partition(store.user_vocab, ":")[:, 0])
-        if data.split == "gap":
-            return splits.gap_split(store, lapse=data.lapse)
-        return splits.temporal_split(store, data.valid_start, data.test_start)
+            split = splits.leave_one_out(store, min_length=data.min_length)
+        elif data.split == "llara":
+            split = splits.llara_split(store, np.char.partition(store.user_vocab, ":")[:, 0])
+        elif data.split == "gap":
+            split = splits.gap_split(store, lapse=data.lapse)
+        else:
+            split = splits.temporal_split(store, data.valid_start, data.test_start)
     except ValueError as e:
         raise ConfigError(f"{source}: data.split: {e}") from None
+    require_usable_split(store, split, data, source)
+    return split
+
+
+def require_usable_split(store: InteractionStore, split: splits.Split, data: DataConfig,
+                         source: str = "config") -> None:
+    """Stop before training when the data cannot train or evaluate a model under this split.
+
+    Without this, a run on too-short data trains, "evaluates" zero users (an empty metrics
+    line) and exits 0, and a run with no training record is blamed on train.batch_size.
+    """
+    longest = int(store.lengths().max(initial=0))
+    where = f"{data.source} ({store.n_users:,} users, longest {longest} events)"
+    empty = [name for name, examples in (("validation", split.valid), *split.tests.items()) if not len(examples)]
+    if empty:
+        key, need = _evaluation_needs(store, data)
+        raise ConfigError(f"{source}: {key}: {where}: no {' or '.join(empty)} example: {need}")
+    if not (split.train_lengths(store) >= 2).any():
+        raise ConfigError(f"{source}: data.source: {where}: no training record: no user keeps the >= 2 training "
+                          f"events a next-item record needs once {split.protocol} holds back its evaluation events")
+
+
+def _evaluation_needs(store: InteractionStore, data: DataConfig) -> tuple[str, str]:
+    """(the key to change, why no example exists) for a split without evaluation examples."""
+    longest = int(store.lengths().max(initial=0))
+    if data.split == "leave_one_out":
+        if longest >= 3:
+            return "data.min_length", (f"no user has the >= {data.min_length} events leave-one-out needs; "
+                                       f"lower data.min_length to at most {longest}")
+        return "data.source", "no user has the >= 3 events leave-one-out needs (train, valid, test)"
+    if data.split == "gap":
+        if longest >= 3:
+            return "data.lapse", (f"no user has the >= 3 + data.lapse = {3 + data.lapse} events the gap split "
+                                  f"needs; lower data.lapse to at most {longest - 3}")
+        return "data.source", "no user has the >= 3 events the gap split needs"
+    if data.split == "temporal":
+        times = store.timestamps if store.timestamps is not None and store.timestamps.size else np.zeros(1)
+        return "data.valid_start", (f"validation targets need an event in [data.valid_start, data.test_start) = "
+                                    f"[{data.valid_start:g}, {data.test_start:g}), test targets one at or after "
+                                    f"data.test_start, each after an earlier event of its user; the timestamps "
+                                    f"run from {times.min():g} to {times.max():g}")
+    return "data.source", "the LLaRA val.tsv / test.tsv rows need a history before their next item"

@@ -81,6 +81,8 @@ def _read_table(path: Path):
     """(history token lists, next tokens, line numbers) of one `seq<TAB>next` file."""
     lines = read_text(path).decode("utf-8").split("\n")
     numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    if not numbered:   # only characters that str.strip() counts as whitespace, such as 0x1c
+        raise DataFormatError(path, 1, "no header line 'seq<TAB>next', only whitespace")
     header_line, header = numbered[0]
     if header.strip().split("\t") != ["seq", "next"]:
         raise DataFormatError(path, header_line, f"expected the header 'seq<TAB>next', found {header.strip()!r}")

@@ -2,10 +2,20 @@
 
 Formats (see docs/data.md for the exact rules):
   pairs       `user item [timestamp]` per line (SASRec / CaseQ)
+  ratings     `user item rating timestamp` per line, whitespace-separated (ML-100K `u.data`)
   sequences   `user item1 item2 ...` per line (S3-Rec / P5)
   movielens   `ratings.dat` (`UserID::MovieID::Rating::Timestamp`) + `movies.dat` beside it
   recbole     RecBole atomic `.inter` (typed TSV header) + optional `.item` beside it
   llara       LLaRA `seq<TAB>next` TSV + `id2name.txt` beside it (see `jaxrec.data.llara`)
+
+`format="auto"` reads a file as the one format it clearly is and otherwise stops with a
+one-line `DataFormatError` naming the ambiguity; it never guesses. The rules, in short
+(`jaxrec.data.detect` states them in full): the name decides `.inter`, `.dat` and LLaRA
+directories; a first line `seq<TAB>next` means LLaRA and a typed RecBole header RecBole;
+a header line of column names (`user item [timestamp]`, `user item rating timestamp`)
+decides pairs or ratings; otherwise the formats the lines fit are pairs (2 or 3 fields
+on every line), ratings (4 fields on every line) and sequences (>= 2 fields, no user on
+two lines) — exactly one must fit, except that 2-field lines are pairs either way.
 """
 from __future__ import annotations
 
@@ -14,97 +24,116 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxrec.data import detect
 from jaxrec.data.store import InteractionStore, make_item_vocab
 from jaxrec.data.text import (DataFormatError, Rows, clean_title, decode, index_tokens, parse_numbers,
                               read_text, split_rows)
 
-__all__ = ["DataFormatError", "FORMATS", "read_interactions", "read_pairs", "read_sequences",
+__all__ = ["DataFormatError", "FORMATS", "read_interactions", "read_pairs", "read_ratings", "read_sequences",
            "read_movielens", "read_recbole", "assemble", "join_item_columns"]
 
-FORMATS = ("auto", "pairs", "sequences", "movielens", "recbole", "llara")
+FORMATS = ("auto", "pairs", "sequences", "ratings", "movielens", "recbole", "llara")
+_TABLES = ("pairs", "sequences", "ratings")   # whitespace-separated tables, read by _read_table
 
 
 def read_interactions(path: str | os.PathLike, format: str = "auto", **options) -> InteractionStore:
-    """Read any supported format; `format="auto"` decides from the name and content."""
+    """Read any supported format; `format="auto"` decides from the name and content (or refuses)."""
     path = Path(path)
     if format not in FORMATS:
-        raise ValueError(f"unknown data format {format!r}; choose one of {', '.join(FORMATS)}")
+        raise DataFormatError(path, None, f"unknown data format {format!r} (--format / data.format); "
+                                          f"choose one of {', '.join(FORMATS)}")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if format == "auto":
-        format = detect_format(path)
+        format = detect.detect_format(path)
     if format == "llara":
         from jaxrec.data.llara import read_llara_file
         return read_llara_file(path, **options)
     if path.is_dir():
         raise DataFormatError(path, None, f"is a directory; give the {format} file itself")
-    if format in ("pairs", "sequences", "whitespace"):
-        return _read_whitespace(path, format, **options)
+    if format in (*_TABLES, detect.TABLE):
+        return _read_table(path, format, **options)
     reader = {"movielens": read_movielens, "recbole": read_recbole}[format]
     return reader(path, **options)
 
 
-def detect_format(path: Path) -> str:
-    if path.is_dir():
-        if (path / "train.tsv").is_file():
-            return "llara"
-        raise DataFormatError(path, None, "cannot tell the format of this directory (only LLaRA "
-                                       "directories with train.tsv are read whole); give a file")
-    if path.suffix == ".inter":
-        return "recbole"
-    if path.suffix == ".dat":
-        return "movielens"
-    if path.suffix == ".tsv":
-        with open(path, "rb") as f:
-            if f.readline().strip().split(b"\t") == [b"seq", b"next"]:
-                return "llara"
-    return "whitespace"  # pairs or sequences, decided from the rows by read_whitespace
-
-
-# --- pairs and sequences -----------------------------------------------------------------
+# --- whitespace tables: pairs, ratings, sequences -----------------------------------------
 def read_pairs(path, ids: str = "auto") -> InteractionStore:
     """`user item` or `user item timestamp` per line (all lines alike)."""
-    return _read_whitespace(path, "pairs", ids)
+    return _read_table(path, "pairs", ids)
+
+
+def read_ratings(path, ids: str = "auto", min_rating: float | None = None) -> InteractionStore:
+    """`user item rating timestamp` per line (ML-100K `u.data`), each user's events by time."""
+    return _read_table(path, "ratings", ids, min_rating)
 
 
 def read_sequences(path, ids: str = "auto") -> InteractionStore:
     """`user item1 item2 ...` per line."""
-    return _read_whitespace(path, "sequences", ids)
+    return _read_table(path, "sequences", ids)
 
 
-def _read_whitespace(path, format: str, ids: str = "auto") -> InteractionStore:
+def _read_table(path, format: str, ids: str = "auto", min_rating: float | None = None) -> InteractionStore:
+    """A whitespace-separated table; `format=detect.TABLE` lets the rows decide (detect, rule 3)."""
     path = Path(path)
-    rows = split_rows(path, read_text(path))
-    if format == "whitespace":
-        format = _pairs_or_sequences(rows)
+    raw = read_text(path)
+    rows = split_rows(path, raw)
+    header = detect.header_layout(rows)
+    header_width = None
+    if header is not None:
+        if format not in (detect.TABLE, header):
+            raise DataFormatError(path, rows.line[0], f"the header names a {header} layout, but the format "
+                                                      f"is {format}" + (" (sequences files have no header)"
+                                                                        if format == "sequences" else ""))
+        header_width = int(rows.count[0])
+        rows = rows.drop_first()
+    elif ids != "str":
+        detect.reject_unrecognised_header(rows)
+    if format == detect.TABLE and header is None:
+        format = detect.table_format(rows)
+        detect.reject_tab_fields_with_spaces(path, raw)   # even when a shape fits: `0 1<TAB>2` is LLaRA's
+    elif format == detect.TABLE:
+        format = header
+    if min_rating is not None and format != "ratings":
+        raise DataFormatError(path, None, f"min_rating needs a rating column; this file is read as {format}")
     if format == "sequences":
-        rows.require(rows.count >= 2, "a user and at least one item")
-        is_user = np.zeros(rows.fields.size, dtype=bool)
-        is_user[rows.start] = True
-        item_at = np.flatnonzero(~is_user)
-        user_idx, user_vocab = index_tokens(rows.column(0), ids, rows, rows.start, "user id")
-        item_idx, item_vocab = index_tokens(rows.fields[item_at], ids, rows, item_at, "item id")
-        return assemble(np.repeat(user_idx, rows.count - 1), user_vocab, item_idx, item_vocab,
-                        None, f"sequences:{path.name}")
-    width = int(rows.count[0])
-    if width not in (2, 3):
+        return _sequences(path, rows, ids)
+
+    width = header_width or int(rows.count[0])
+    if format == "ratings":
+        rows.require_counts((4,), "4 fields (user item rating timestamp)")
+    elif width not in (2, 3):
         rows.require_counts((2, 3), "2 fields (user item) or 3 (user item timestamp)")
-    rows.require_counts((width,), f"{width} fields like line {rows.line[0]}")
+    rows.require_counts((width,), f"{width} fields like " + ("the header" if header_width else f"line {rows.line[0]}"))
     user_idx, user_vocab = index_tokens(rows.column(0), ids, rows, rows.start, "user id")
     item_idx, item_vocab = index_tokens(rows.column(1), ids, rows, rows.start + 1, "item id")
-    timestamps = _timestamps(rows, rows.start + 2) if width == 3 else None
-    return assemble(user_idx, user_vocab, item_idx, item_vocab, timestamps, f"pairs:{path.name}")
+    timestamps = _timestamps(rows, rows.start + width - 1) if width >= 3 else None
+    source = f"{format}:{path.name}"
+    if format == "ratings":
+        rating = parse_numbers(rows, rows.start + 2, np.float64, "rating")   # checked even when not filtered
+        if min_rating is not None:
+            user_idx, user_vocab, item_idx, item_vocab, timestamps = _keep_events(
+                rating >= min_rating, user_idx, user_vocab, item_idx, item_vocab, timestamps)
+            source += f",min_rating={min_rating:g}"
+    return assemble(user_idx, user_vocab, item_idx, item_vocab, timestamps, source)
 
 
-def _pairs_or_sequences(rows: Rows) -> str:
-    counts = np.unique(rows.count)
-    if counts.size == 1 and counts[0] == 2:
-        return "pairs"
-    if counts.size == 1 and counts[0] == 3:
-        users = rows.column(0)
-        # A pair file lists each user on many lines; a sequence file once.
-        return "pairs" if np.unique(users).size < users.size else "sequences"
-    return "sequences"
+def _sequences(path: Path, rows: Rows, ids: str) -> InteractionStore:
+    rows.require(rows.count >= 2, "a user and at least one item")
+    is_user = np.zeros(rows.fields.size, dtype=bool)
+    is_user[rows.start] = True
+    item_at = np.flatnonzero(~is_user)
+    user_idx, user_vocab = index_tokens(rows.column(0), ids, rows, rows.start, "user id")
+    item_idx, item_vocab = index_tokens(rows.fields[item_at], ids, rows, item_at, "item id")
+    return assemble(np.repeat(user_idx, rows.count - 1), user_vocab, item_idx, item_vocab,
+                    None, f"sequences:{path.name}")
+
+
+def _keep_events(keep, user_idx, user_vocab, item_idx, item_vocab, timestamps):
+    """The events where `keep` holds; users and items left without events disappear."""
+    user_idx, user_vocab = _drop_unused(user_idx[keep], user_vocab)
+    item_idx, item_vocab = _drop_unused(item_idx[keep], item_vocab)
+    return user_idx, user_vocab, item_idx, item_vocab, None if timestamps is None else timestamps[keep]
 
 
 def _timestamps(rows: Rows, fields_at: np.ndarray) -> np.ndarray:
@@ -160,10 +189,8 @@ def read_movielens(path, movies: str | os.PathLike | None = "auto",
     rating = parse_numbers(rows, rows.start + 2, np.float64, "Rating")
     timestamps = parse_numbers(rows, rows.start + 3, np.int64, "Timestamp")
     if min_rating is not None:
-        keep = rating >= min_rating
-        user_idx, user_vocab = _drop_unused(user_idx[keep], user_vocab)
-        item_idx, item_vocab = _drop_unused(item_idx[keep], item_vocab)
-        timestamps = timestamps[keep]
+        user_idx, user_vocab, item_idx, item_vocab, timestamps = _keep_events(
+            rating >= min_rating, user_idx, user_vocab, item_idx, item_vocab, timestamps)
     if movies == "auto":
         movies = path.with_name("movies.dat") if path.with_name("movies.dat").is_file() else None
     columns = _movielens_movies(Path(movies), make_item_vocab(item_vocab)) if movies else {}

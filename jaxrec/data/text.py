@@ -41,6 +41,11 @@ def read_text(path: str | os.PathLike) -> bytes:
                                           f"{column}); re-encode the file as UTF-8") from None
     if not raw.strip():
         raise DataFormatError(path, 1, "empty file")
+    if b"\x00" in raw:   # numpy byte strings drop trailing NULs: "7\x00" would silently become "7"
+        at = raw.index(b"\x00")
+        line_start = raw.rfind(b"\n", 0, at) + 1
+        raise DataFormatError(path, raw.count(b"\n", 0, at) + 1,
+                              f"NUL byte at column {at - line_start + 1}; a binary file, not text")
     if b"\r" in raw:
         raw = raw.replace(b"\r\n", b"\n")
     return raw

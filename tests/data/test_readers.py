@@ -58,9 +58,13 @@ def test_sequences(tmp_path):
 
 
 def test_auto_detects_pairs_and_sequences(tmp_path):
-    assert read_interactions(write(tmp_path, "a.txt", "1 2 3\n2 3 4\n")).source.startswith("sequences")
+    assert read_interactions(write(tmp_path, "a.txt", "1 2 3 4 5\n2 3 4\n")).source.startswith("sequences")
     assert read_interactions(write(tmp_path, "b.txt", "1 2 3\n1 3 4\n")).source.startswith("pairs")
-    assert read_interactions(write(tmp_path, "c.txt", "1 2\n1 3 4\n")).source.startswith("sequences")
+    assert read_interactions(write(tmp_path, "c.txt", "1 2\n2 3\n")).source.startswith("pairs")
+    # 3 fields on every line and no user repeated: pairs with timestamps or 2-item sequences
+    with pytest.raises(DataFormatError, match=r"a.txt: ambiguous: every line has 3 fields .* pairs .* sequences"):
+        read_interactions(write(tmp_path, "a.txt", "1 2 3\n2 3 4\n"))
+    assert read_interactions(tmp_path / "a.txt", format="sequences").n_interactions == 4
 
 
 @pytest.mark.parametrize("name, content, fmt, line, reason", [
