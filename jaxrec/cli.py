@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"jaxrec: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        # The reader of the output (`| head`) has gone: not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Preempted as e:
         print(f"jaxrec: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
@@ -172,6 +177,9 @@ def _dispatch(args) -> int:
 
 def _load_store(path: str, fmt: str):
     if path == "synthetic":
+        if fmt != "auto":
+            from jaxrec.config import ConfigError
+            raise ConfigError(f"--format {fmt}: the embedded synthetic data is not read from a file; drop --format")
         from jaxrec.data.synthetic import SyntheticConfig, make_synthetic
         return make_synthetic(SyntheticConfig.default())
     from jaxrec.data.readers import read_interactions

@@ -86,6 +86,8 @@ def test_export_loads_without_checkpoint_and_recommends(trained_on_8, tmp_path):
     (["train", "{cfg}", "mesh.data=3"], "mesh: mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices"),
     (["train", "{cfg}", "data.source=nowhere.txt"], "data.source: nowhere.txt does not exist"),
     (["evaluate", "{tmp}"], "no checkpoints found"),
+    (["data", "stats", "synthetic", "--format", "bogus"], "--format bogus: the embedded synthetic data"),
+    (["train", "{cfg}", "--from-step", "7"], "--from-step 7: no such checkpoint"),
 ])
 def test_user_errors_are_one_line_without_traceback(tmp_path, capsys, args, message):
     cfg = write_config(tmp_path / "tiny.yaml", tmp_path / "run")
