@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a checkpoint's deployable artifacts")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
+    p.add_argument("--force", action="store_true", help="replace the contents of a non-empty out_dir")
     p.add_argument("--step", default="best", help="best | latest | a step number (default: best)")
 
     p = sub.add_parser("data", help="inspect data sets")
@@ -68,14 +69,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxrec.config import ConfigError
+    from jaxrec.export.manifest import ExportError
     from jaxrec.registry import UnknownTask
+    from jaxrec.train.task import ExportUnsupported
     from jaxrec.sharding import MeshError
     from jaxrec.train.checkpoint import CheckpointNotFound
     from jaxrec.train.run_lock import RunDirectoryBusy
     from jaxrec.train.trainer import CheckpointsDamaged, NonFiniteLoss
     from jaxrec.weights.errors import CheckpointFormatError, TensorMismatchError, UnsupportedModelError
     errors: list[type[BaseException]] = [ConfigError, UnknownTask, MeshError, CheckpointNotFound, NonFiniteLoss,
-                                         CheckpointsDamaged, RunDirectoryBusy,
+                                         CheckpointsDamaged, RunDirectoryBusy, ExportError, ExportUnsupported,
                                          FileNotFoundError,
                                          CheckpointFormatError, TensorMismatchError, UnsupportedModelError]
     try:
@@ -158,7 +161,7 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "export":
         from jaxrec.train.runs import export_run
-        for path in export_run(args.run_dir, args.out_dir, step=args.step):
+        for path in export_run(args.run_dir, args.out_dir, step=args.step, force=args.force):
             print(path)
         return 0
     if args.command == "data":

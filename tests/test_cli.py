@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxrec.cli import main
-from jaxrec.export.seqrec import Recommender
+from jaxrec.export.recommend import load_recommender
 from jaxrec.train.reporting import read_metrics
 from tests.helpers import results, run_cli, write_config
 
@@ -66,7 +66,7 @@ def test_export_loads_without_checkpoint_and_recommends(trained_on_8, tmp_path):
     os.umask(umask)
     for f in (tmp_path / "export").iterdir():     # shared files: the mode any new file gets
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
-    rec = Recommender.load(tmp_path / "export")
+    rec = load_recommender(tmp_path / "export")
     history = [rec.items[i] for i in (1, 2, 3)]
     top = rec.recommend([history], k=5)[0]
     assert len(top) == 5 and not set(history) & {t for t, _ in top}
@@ -78,6 +78,32 @@ def test_export_loads_without_checkpoint_and_recommends(trained_on_8, tmp_path):
     brute = table @ query
     brute[[0, 1, 2, 3]] = -np.inf
     assert [rec.items[i] for i in np.argsort(-brute, kind="stable")[:5]] == [t for t, _ in top]
+
+
+def test_export_manifest_hashes_metrics_and_guards(trained_on_8, tmp_path, capsys):
+    from jaxrec.export.manifest import ExportError, file_sha256, read_manifest
+    out = tmp_path / "export"
+    assert main(["export", str(trained_on_8), str(out)]) == 0
+    manifest = read_manifest(out)
+    assert manifest["task"] == "seqrec" and manifest["kind"] == "scoring" and manifest["run"]["best"]
+    assert manifest["files"] == {name: file_sha256(out / name)
+                                 for name in ("items.json", "model.json", "model.safetensors")}
+    assert manifest["metrics"]["test"]["ndcg@10"] == results(trained_on_8)["tests"]["test"]["ndcg@10"]
+    assert "full ranking" in manifest["protocol"]["test"] and set(manifest["inputs"]) == {"data", "data.items"}
+
+    capsys.readouterr()
+    assert main(["export", str(trained_on_8), str(out)]) == 2          # never overwritten silently
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "an export of this run" in err and "--force" in err
+    assert main(["export", str(trained_on_8), str(out), "--force"]) == 0
+
+    (out / "items.json").write_text((out / "items.json").read_text().replace('"1"', '"x"', 1))
+    with pytest.raises(ExportError, match="items.json: SHA-256 differs"):
+        read_manifest(out)
+    data = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**data, "version": 99}))
+    with pytest.raises(ExportError, match="format version 99 is newer"):
+        read_manifest(out)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -4,7 +4,7 @@
     out/model.json          architecture (enough to rebuild the module) + provenance
     out/items.json          original item token of each item index (index 0 = padding)
 
-`Recommender.load(out)` needs only these files (no checkpoint, no data, no config).
+`SeqRecRecommender.load(out)` (or `jaxrec.export.recommend.load_recommender(out)`) needs only these files (no checkpoint, no data, no config).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import load_file, save_file
 
 import jaxrec
+from jaxrec.export.recommend import UnknownItems
 from jaxrec.eval.ranking import top_k
 from jaxrec.eval.scoring import score_space
 from jaxrec.models.encoder import build_sequence_model
@@ -57,8 +58,8 @@ def _readable_like_other_files(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-class Recommender:
-    """Top-k next items for raw histories of original item tokens."""
+class SeqRecRecommender:
+    """Top-k next items for raw histories of original item tokens (kind "scoring")."""
 
     def __init__(self, spec: dict, params, items: list[str]):
         self.spec, self.params, self.items = spec, params, items
@@ -69,7 +70,7 @@ class Recommender:
         self._encode = jax.jit(lambda p, x: self.model.apply({"params": p}, x, deterministic=True, last_only=True))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Recommender":
+    def load(cls, directory: str | Path) -> "SeqRecRecommender":
         directory = Path(directory)
         for name in ("model.safetensors", "model.json", "items.json"):
             if not (directory / name).is_file():
@@ -84,12 +85,10 @@ class Recommender:
 
     def encode(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
         """Left-padded id matrix [n, width] of whole histories (width >= max_len)."""
-        ids = []
-        for row, history in enumerate(histories):
-            unknown = [t for t in history if t not in self.index]
-            if unknown:
-                raise KeyError(f"history {row}: unknown item token(s) {unknown[:3]}")
-            ids.append([self.index[t] for t in history])
+        unknown = [(row, t) for row, history in enumerate(histories) for t in history if t not in self.index]
+        if unknown:
+            raise UnknownItems(unknown)
+        ids = [[self.index[t] for t in history] for history in histories]
         width = max([self.spec["max_len"]] + [len(r) for r in ids])
         out = np.zeros((len(histories), width), np.int32)
         for row, r in enumerate(ids):

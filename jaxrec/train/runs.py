@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 
 from jaxrec.config import Config, ConfigError, apply_overrides, build_config
+from jaxrec.export.manifest import MANIFEST, prepare_out_dir, write_manifest
 from jaxrec.sharding import MESH_AXES, MeshError, resolve_mesh_shape
 from jaxrec.train.checkpoint import CheckpointNotFound, RunCheckpoints, find_run_checkpoints
 from jaxrec.train.evaluation import Evaluator
@@ -182,9 +183,32 @@ def evaluate_run(run_dir: str | Path, step: str = "best", split: str = "test",
     return results
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, step: str = "best") -> list[str]:
+def export_run(run_dir: str | Path, out_dir: str | Path, step: str = "best", force: bool = False) -> list[str]:
+    """Write a checkpoint's deployable files and `manifest.json` into `out_dir`; returns the paths."""
     run = open_run(run_dir, step)
-    out_dir = Path(out_dir).absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(out_dir, run.run_dir, force)
     with run.session.layout.activate():
-        return run.task.export(run.state.params, run.session.frozen, run.state.model_state, out_dir)
+        paths = [str(p) for p in run.task.export(run.state.params, run.session.frozen, run.state.model_state,
+                                                 out_dir)]
+    if jax.process_index() != 0:
+        return paths
+    metrics, protocols = _test_results_at(run.run_dir, run.step)
+    info = dict(run.task.export_manifest())
+    manifest = write_manifest(out_dir, task=run.task.name, kind=info.pop("kind", run.task.name),
+                              run_dir=run.run_dir, step=run.step, best=step == "best", files=paths,
+                              protocols=protocols, metrics=metrics, inputs=run.session.fingerprints(),
+                              external=info.pop("external", None), extra=info)
+    return [p for p in paths if Path(p).name != MANIFEST] + [str(manifest)]
+
+
+def _test_results_at(run_dir: Path, step: int) -> tuple[dict, dict]:
+    """The test metrics and protocols recorded for `step` (by training's final report or by
+    `jaxrec evaluate`), or empty when that step was never tested."""
+    for path in (run_dir / f"evaluate-step{step}.json", run_dir / "results.json"):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if data.get("step", data.get("best_step")) == step and data.get("results", data.get("tests")):
+            return data.get("results", data.get("tests")), data.get("protocols", {})
+    return {}, {}

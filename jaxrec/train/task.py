@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 Evaluator = Any
 
 
+class ExportUnsupported(NotImplementedError):
+    """`jaxrec export` on a task that has no export: one line, exit 2."""
+
+
 @dataclass(frozen=True)
 class Variables:
     """A task's initial variables, split by how the trainer treats them.
@@ -176,5 +180,13 @@ class Task:
         return {}
 
     def export(self, params, frozen, state, out_dir) -> list[str]:
-        """Write deployable artifacts; returns the written paths."""
-        raise NotImplementedError(f"task {self.name!r} has no export")
+        """Write deployable artifacts into `out_dir` (empty, created); returns the written
+        paths. `jaxrec export` then writes `manifest.json` over them (`jaxrec.export.manifest`).
+        A task without an export raises `ExportUnsupported` naming what to use instead."""
+        raise ExportUnsupported(f"task {self.name!r} has no export artifact yet")
+
+    def export_manifest(self) -> dict[str, Any]:
+        """Fields the task adds to `manifest.json`: `kind` (what a reader loads: e.g.
+        "scoring", "semantic_ids"), `external` ({name: {"path", "sha256"}} for files the
+        export needs but does not copy, such as a base LLM), and anything else JSON-able."""
+        return {"kind": self.name}

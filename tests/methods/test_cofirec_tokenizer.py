@@ -115,7 +115,9 @@ def test_export_writes_the_table_and_a_manifest(runs, tmp_path):
     table = np.load(tmp_path / "out" / "semantic_ids.npy", allow_pickle=False)
     assert np.array_equal(table, saved_table(tmp / "residual").codes)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["levels"] == ["rq1", "rq2", "rq3", "dedup"] and manifest["n_items"] == 512
+    assert manifest["kind"] == "semantic_ids" and manifest["task"] == "cofirec.tokenizer"
+    assert manifest["details"]["levels"] == ["rq1", "rq2", "rq3", "dedup"] and manifest["details"]["n_items"] == 512
+    assert set(manifest["files"]) == {"semantic_ids.json", "semantic_ids.npy"}
 
 
 def _steps(raw, layout=None, steps=3):

@@ -30,7 +30,7 @@ from jaxrec.methods.caseq.negatives import HistoryExcludingNegatives
 from jaxrec.methods.caseq.objective import context_kl, entropy, mixture_prior, pseudo_sequences
 from jaxrec.methods.seqrec.task import SeqRecConfig, SeqRecTask
 from jaxrec.models.encoder import SequenceEncoder
-from jaxrec.train.task import EvalSet, register
+from jaxrec.train.task import EvalSet, ExportUnsupported, register
 
 log = logging.getLogger("jaxrec")
 
@@ -162,7 +162,8 @@ class CaseQTask(SeqRecTask):
         return result
 
     def export(self, params, frozen, state, out_dir):
-        raise NotImplementedError("task 'caseq' has no export artifact yet; evaluate it from its run directory")
+        raise ExportUnsupported("task 'caseq' has no export artifact yet; evaluate it from its run directory "
+                                "(jaxrec evaluate RUN)")
 
 
 def context_summary(split: str, result: dict, n_contexts: int, levels: int) -> str:

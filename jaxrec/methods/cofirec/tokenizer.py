@@ -254,16 +254,18 @@ class TokenizerTask(Task):
         codes, recon = self.item_codes(params, frozen, state)
         ids = self.semantic_ids(codes)
         artifact = {**ids.to_artifact(), "items": self.store.item_vocab[1:].tolist()}
-        paths = [out_dir / "semantic_ids.json", out_dir / "semantic_ids.npy", out_dir / "manifest.json"]
+        paths = [out_dir / "semantic_ids.json", out_dir / "semantic_ids.npy"]
         paths[0].write_text(json.dumps(artifact))
         np.save(paths[1], ids.codes)
         m = self.config.model
-        paths[2].write_text(json.dumps({
-            "format": artifact["format"], "task": self.name, "mode": m.mode, "n_items": ids.n_items,
+        self._export_description = {
+            "format_of_table": artifact["format"], "mode": m.mode, "n_items": ids.n_items,
             "data": self.store.source, "levels": list(ids.level_names), "codebook_sizes": list(ids.codebook_sizes),
-            "inputs": self.inputs.source, "cf_guide": m.cf_guide, "collision_rate_before_dedup": collision_rate(codes),
-            "reconstruction": float(recon.mean()),
-            "files": {"semantic_ids.json": "the artifact plus `items` (the item token of every row)",
-                      "semantic_ids.npy": "int32 [n_items + 1, levels]; row i = item index i, row 0 = -1"}},
-            indent=2))
+            "text_inputs": self.inputs.source, "cf_guide": m.cf_guide,
+            "collision_rate_before_dedup": collision_rate(codes), "reconstruction": float(recon.mean()),
+            "file_contents": {"semantic_ids.json": "the artifact plus `items` (the item token of every row)",
+                              "semantic_ids.npy": "int32 [n_items + 1, levels]; row i = item index i, row 0 = -1"}}
         return [str(p) for p in paths]
+
+    def export_manifest(self):
+        return {"kind": "semantic_ids", **getattr(self, "_export_description", {})}

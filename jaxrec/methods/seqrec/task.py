@@ -166,6 +166,9 @@ class SeqRecTask(Task):
         from jaxrec.export.seqrec import export_seqrec
         return export_seqrec(self, params, out_dir)
 
+    def export_manifest(self):
+        return {"kind": "scoring"}
+
 
 def records_history(store, examples):
     """CSR (offsets, items) of each example's full input history."""
