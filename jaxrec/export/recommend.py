@@ -10,7 +10,8 @@ The one interface `jaxrec recommend` and `jaxrec serve` call, whatever the task:
 `histories` are lists of raw item tokens (as in the data file). An unknown token raises
 `UnknownItems` naming the token and the history's row; callers decide whether to skip it.
 `exclude_history=None` takes the run's `eval.exclude_history` (the one default).
-Which class answers is chosen by the manifest's `kind`.
+Which class answers is the task's business: the manifest names the task, the registry
+finds it, and `Task.load_recommender` builds the recommender from the files alone.
 """
 from __future__ import annotations
 
@@ -39,13 +40,15 @@ class Recommender(Protocol):
 
 
 def load_recommender(export_dir: str | Path) -> Recommender:
+    """The recommender of an export: its manifest is checked, then the task named there
+    (found by name, like every task) loads it (`Task.load_recommender`)."""
+    from jaxrec import registry
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
-    kind = manifest.get("kind")
-    if kind == "scoring":
-        from jaxrec.export.seqrec import SeqRecRecommender
-        rec = SeqRecRecommender.load(export_dir)
-    else:
-        raise ExportError(f"{export_dir}: a {kind!r} export ({manifest.get('task')}) cannot answer recommendations")
+    try:
+        task = registry.task_class(str(manifest.get("task")))
+    except registry.UnknownTask as e:
+        raise ExportError(f"{export_dir / 'manifest.json'}: {e}") from None
+    rec = task.load_recommender(export_dir, manifest)
     rec.manifest = manifest
     return rec

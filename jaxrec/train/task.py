@@ -185,6 +185,14 @@ class Task:
         A task without an export raises `ExportUnsupported` naming what to use instead."""
         raise ExportUnsupported(f"task {self.name!r} has no export artifact yet")
 
+    @classmethod
+    def load_recommender(cls, export_dir, manifest: dict):
+        """The object answering `recommend(histories, k, exclude_history)` from an export
+        directory alone (`jaxrec.export.recommend`); default: this task's exports cannot."""
+        from jaxrec.export.manifest import ExportError
+        raise ExportError(f"{export_dir}: a {manifest.get('kind')!r} export of task {cls.name!r} does not answer "
+                          f"recommendations")
+
     def export_manifest(self) -> dict[str, Any]:
         """Fields the task adds to `manifest.json`: `kind` (what a reader loads: e.g.
         "scoring", "semantic_ids"), `external` ({name: {"path", "sha256"}} for files the

@@ -169,6 +169,11 @@ class SeqRecTask(Task):
     def export_manifest(self):
         return {"kind": "scoring"}
 
+    @classmethod
+    def load_recommender(cls, export_dir, manifest):
+        from jaxrec.export.seqrec import SeqRecRecommender
+        return SeqRecRecommender.load(export_dir)
+
 
 def records_history(store, examples):
     """CSR (offsets, items) of each example's full input history."""
