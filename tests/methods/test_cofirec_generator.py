@@ -242,3 +242,86 @@ def test_t5_loss_and_beam_search_on_8_devices_match_one_device(codes_file):
 @pytest.mark.slow
 def test_decoder_loss_and_beam_search_on_8_devices_match_one_device(codes_file):
     _mesh_parity(codes_file, "decoder")
+
+
+# A program with only jax and numpy: read safetensors by its format (8-byte header length,
+# JSON header, raw little-endian data), deserialize the search and call it.
+_PLAIN_JAX = r'''
+import json, struct, sys
+import numpy as np
+from jax import export
+
+def read_safetensors(path):
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    dtypes = {"F32": np.float32, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
+    return {k: np.frombuffer(raw[8 + n + v["data_offsets"][0]: 8 + n + v["data_offsets"][1]],
+                             dtypes[v["dtype"]]).reshape(v["shape"]) for k, v in header.items()}
+
+out, tokens_file = sys.argv[1], sys.argv[2]
+spec = json.load(open(out + "/model.json"))
+params = read_safetensors(out + "/model.safetensors")
+trie = read_safetensors(out + "/trie.safetensors")
+search = export.deserialize(bytearray(open(out + "/" + spec["artifact"]["file"], "rb").read()))
+tokens = np.load(tokens_file)
+seen = np.zeros((tokens.shape[0], spec["n_items"] + 1), bool)
+answers = {}
+for b in (1, 7):
+    items, _ = search.call(*[params[k] for k in spec["param_order"]],
+                           *[trie[f"transitions_{k}"] for k in range(len(spec["codebook_sizes"]))],
+                           tokens[:b], seen[:b])
+    answers[b] = np.asarray(items).tolist()
+print(json.dumps({"jaxrec_imported": "jaxrec" in sys.modules, "answers": answers}))
+'''
+
+
+def test_export_answers_like_evaluation_from_the_files_alone(t5_run, tmp_path):
+    import subprocess
+    import sys
+
+    from jaxrec.export.manifest import read_manifest
+    from jaxrec.export.recommend import load_recommender
+    from jaxrec.train.runs import open_run
+    run_dir = t5_run["run_dir"]
+    out = tmp_path / "export"
+    assert main(["export", str(run_dir), str(out)]) == 0
+    manifest = read_manifest(out)
+    assert manifest["kind"] == "generative" and {"beam_search.jaxexport", "trie.safetensors"} <= set(manifest["files"])
+
+    # What evaluation returns for the first test users (history included) ...
+    run = open_run(run_dir)
+    task, params = run.task, run.state.params
+    test = task.eval_sets("test")[0]
+    n = 16
+    with run.session.layout.activate():
+        want, _ = run_search(task, test.records, params, task.trie.tables,
+                             Evaluator(task, run.session.layout, 64), exclude=False)
+    examples = task.split.tests["test"]
+    store = task.store
+    histories = [store.item_vocab[store.item_ids[store.user_offsets[u]:end]].tolist()
+                 for u, end in zip(examples.users[:n], examples.history_end[:n])]
+
+    # ... equals what the export answers from its files, through jaxrec ...
+    rec = load_recommender(out)
+    got = rec.recommend(histories, k=32, exclude_history=False)
+    assert [[token for token, _ in row] for row in got] == \
+        [[store.item_vocab[i] for i in row if i > 0] for row in want[:n]]
+
+    # ... and through the serialized search in a process that never imports jaxrec.
+    tokens, _ = rec.encode(histories)
+    np.save(tmp_path / "tokens.npy", tokens[:7])
+    proc = subprocess.run([sys.executable, "-c", _PLAIN_JAX, str(out), str(tmp_path / "tokens.npy")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert answer["jaxrec_imported"] is False
+    assert answer["answers"]["7"] == want[:7].tolist() and answer["answers"]["1"] == want[:1].tolist()
+
+    with pytest.raises(Exception, match="k: 33 must be in 1..32"):
+        rec.recommend(histories[:1], k=33)
+    with pytest.raises(Exception, match="history 0: empty"):
+        rec.recommend([[]])
+    with pytest.raises(Exception, match="row 0: 'nope'"):
+        rec.recommend([["nope"]])

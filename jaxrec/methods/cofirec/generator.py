@@ -177,18 +177,7 @@ class GeneratorTask(Task):
 
     # ------------------------------------------------------------------ model
     def _build_model(self):
-        m = self.m
-        dtype = "bfloat16" if self.config.train.compute_dtype == "bfloat16" else "float32"
-        if m.backbone == "t5":
-            t5 = T5Config.letter(self.layout.vocab_size, d_model=m.d_model, d_kv=m.d_kv, d_ff=m.d_ff,
-                                 num_heads=m.heads, num_layers=m.layers, num_decoder_layers=m.decoder_layers,
-                                 dropout_rate=m.dropout, dtype=dtype)
-            return gm.CodeT5(t5, self.layout, m.max_history, m.level_embedding, m.position_embedding)
-        llama = LlamaConfig(vocab_size=self.layout.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
-                            num_layers=m.layers, num_heads=m.heads, num_kv_heads=m.heads, head_dim=m.d_kv,
-                            max_position_embeddings=(m.max_history + 1) * self.ids.n_levels,
-                            tie_word_embeddings=True, dtype=dtype)
-        return gm.CodeDecoder(llama, self.layout, m.max_history, m.level_embedding, m.position_embedding, m.dropout)
+        return build_generator(self.m, self.layout, self.config.train.compute_dtype)
 
     def init(self, rng):
         K, T = self.ids.n_levels, self.m.max_history
@@ -276,6 +265,34 @@ class GeneratorTask(Task):
         """The table the generator was trained on (after ablations and dedup)."""
         return {"generator_semantic_ids": self.ids.to_artifact()}
 
+    def export(self, params, frozen, state, out_dir):
+        from jaxrec.methods.cofirec.generator_export import export_generator
+        return export_generator(self, params, out_dir)
+
+    def export_manifest(self):
+        return {"kind": "generative", "levels": list(self.ids.level_names),
+                "codebook_sizes": list(self.ids.codebook_sizes), "beam": self.m.beam, "backbone": self.m.backbone}
+
+    @classmethod
+    def load_recommender(cls, export_dir, manifest):
+        from jaxrec.methods.cofirec.generator_export import GeneratorRecommender
+        return GeneratorRecommender.load(export_dir)
+
+
+def build_generator(m: GeneratorConfig, layout: gm.TokenLayout, compute_dtype: str):
+    """The backbone `m.backbone` over `layout`'s code vocabulary (also rebuilt from an export)."""
+    dtype = "bfloat16" if compute_dtype == "bfloat16" else "float32"
+    if m.backbone == "t5":
+        t5 = T5Config.letter(layout.vocab_size, d_model=m.d_model, d_kv=m.d_kv, d_ff=m.d_ff, num_heads=m.heads,
+                             num_layers=m.layers, num_decoder_layers=m.decoder_layers, dropout_rate=m.dropout,
+                             dtype=dtype)
+        return gm.CodeT5(t5, layout, m.max_history, m.level_embedding, m.position_embedding)
+    llama = LlamaConfig(vocab_size=layout.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
+                        num_layers=m.layers, num_heads=m.heads, num_kv_heads=m.heads, head_dim=m.d_kv,
+                        max_position_embeddings=(m.max_history + 1) * layout.n_levels,
+                        tie_word_embeddings=True, dtype=dtype)
+    return gm.CodeDecoder(llama, layout, m.max_history, m.level_embedding, m.position_embedding, m.dropout)
+
 
 def beam_search_items(task: GeneratorTask, params, history_tokens: np.ndarray, exclude=None) -> np.ndarray:
     """Convenience for scripts and tests: item lists [B, beam] (item indices, 0 = none) of a
@@ -289,19 +306,12 @@ def _items_search(task: GeneratorTask):
     cached = task.__dict__.get("_items_search")
     if cached is not None:
         return cached
-    from jaxrec.methods.cofirec.generator_eval import _excluding_seen, _seen_mask
-    from jaxrec.eval.beam_search import constrained_beam_search
+    from jaxrec.methods.cofirec.generator_eval import _seen_mask
+    from jaxrec.methods.cofirec.generator_export import make_search
+    search = make_search(task.model, task.m.backbone, task.m.beam, task.ids.n_items, task.ids.n_levels)
 
     def run(params, tables, history_tokens, history):
-        context = {"model": task.beam_context(params, history_tokens)}
-        fn = task.logprob_fn(params)
-        if history is None:
-            items, scores = constrained_beam_search(lambda c, p: fn(c["model"], p), context, tables, task.m.beam)
-        else:
-            context["seen"] = _seen_mask(history, task.ids.n_items + 1)
-            items, scores = constrained_beam_search(_excluding_seen(fn, tables.transitions, task.ids.n_levels),
-                                                    context, tables, task.m.beam)
-            items = jnp.where(jnp.isneginf(scores), -1, items)
-        return jnp.where(items >= 0, items + 1, 0)
+        seen = None if history is None else _seen_mask(history, task.ids.n_items + 1)
+        return search(params, tables.transitions, history_tokens, seen)[0]
     task.__dict__["_items_search"] = jax.jit(run)
     return task.__dict__["_items_search"]
