@@ -26,6 +26,9 @@ _ENVIRONMENT_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxrec", description=__doc__.splitlines()[0])
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not use JAX's persistent compilation cache (default: on, in "
+                             "$JAXREC_COMPILE_CACHE or ~/.cache/jaxrec/xla)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (or resume) a run from a YAML config",
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    enable_compile_cache(None if args.no_compile_cache else compile_cache_dir())
     for noisy in ("absl", "orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from jaxrec.train.trainer import Preempted
@@ -124,6 +128,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("jaxrec: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+
+
+def compile_cache_dir() -> Path | None:
+    """Where compiled XLA programs persist between runs: $JAXREC_COMPILE_CACHE (a directory,
+    or "off"), else $XDG_CACHE_HOME/jaxrec/xla, else ~/.cache/jaxrec/xla."""
+    env = os.environ.get("JAXREC_COMPILE_CACHE", "")
+    if env.lower() in ("off", "0", "false", "no"):
+        return None
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jaxrec" / "xla"
+
+
+def enable_compile_cache(directory: Path | None) -> None:
+    """Turn on JAX's persistent compilation cache, so rerunning a config (a resume, an
+    evaluation, the next epoch's program) loads its programs instead of compiling them.
+    Programs that compile in under a second are not worth a file; an unusable directory
+    only costs the cache, never the run."""
+    if directory is None:
+        return
+    import jax
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        logging.getLogger("jaxrec").warning("compilation cache off: %s (%s)", directory, e.strerror or e)
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def environment_error(error: BaseException) -> str | None:

@@ -41,9 +41,11 @@ def cli_env(devices: int) -> dict:
     return env
 
 
-def run_cli(args: list[str], devices: int = 1, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jaxrec.cli", *args], env=cli_env(devices), cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, **popen)
+def run_cli(args: list[str], devices: int = 1, timeout: int = 300, env: dict | None = None,
+            **popen) -> subprocess.CompletedProcess:
+    """`jaxrec ARGS` in a fresh process; `env` adds to the simulated-devices environment."""
+    return subprocess.run([sys.executable, "-m", "jaxrec.cli", *args], env={**cli_env(devices), **(env or {})},
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, **popen)
 
 
 def results(run_dir: Path) -> dict:

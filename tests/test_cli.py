@@ -148,3 +148,20 @@ def test_generate_answers_with_the_packaged_smollm2(capsys):
 def test_generate_missing_model_is_one_line(capsys):
     assert main(["generate", "nowhere.gguf", "hi"]) == 2
     assert "nowhere.gguf" in capsys.readouterr().err
+
+
+def test_compilation_cache_is_on_by_default_and_reused(tmp_path):
+    """A rerun loads the programs the first run compiled (their files are not rewritten)."""
+    cache = tmp_path / "xla"
+    env = {"JAXREC_COMPILE_CACHE": str(cache)}
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "a", train={"steps": 10, "eval_every": 10})
+    assert run_cli(["train", str(cfg)], env=env).returncode == 0
+    first = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert any(name.startswith("jit_train_step") for name in first), sorted(first)
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "b", train={"steps": 10, "eval_every": 10})
+    assert run_cli(["train", str(cfg)], env=env).returncode == 0
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == first
+    off = tmp_path / "off"
+    assert run_cli(["--no-compile-cache", "data", "stats", "synthetic"],
+                   env={"JAXREC_COMPILE_CACHE": str(off)}).returncode == 0
+    assert not off.exists()
