@@ -1,6 +1,7 @@
 """Reading llama.cpp GGUF files as if they were Hugging Face checkpoints.
 
-The file is memory-mapped by `gguf.GGUFReader`; each tensor is dequantized on demand
+The file is memory-mapped and its header parsed by `gguf_file.GGUFFile` (`gguf.GGUFReader`
+spends seconds on the tokenizer's metadata strings); each tensor is dequantized on demand
 (`gguf.quants.dequantize`: Q4_0/Q4_1/Q8_0/K-quants/F16/BF16 …) to float32 in the
 Hugging Face layout and name. Two llama.cpp conventions are undone:
 
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from jaxrec.weights.errors import CheckpointFormatError, CheckpointNotFoundError, UnsupportedModelError
+from jaxrec.weights.gguf_file import GGUFFile, GGUFFormatError
 
 _ARCHES = ("llama", "mistral", "qwen2")   # qwen2 uses NeoX-style rope: no row permutation
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -63,11 +65,11 @@ class GGUFCheckpoint:
         if not self.path.is_file():
             raise CheckpointNotFoundError(f"{self.path}: GGUF file not found")
         try:
-            self._reader = gguf.GGUFReader(str(self.path))
-        except Exception as e:  # the reader raises bare ValueError/struct errors on junk
+            self._file = GGUFFile(self.path)
+        except (GGUFFormatError, ValueError) as e:
             raise CheckpointFormatError(f"{self.path}: not a readable GGUF file ({e})") from None
         self._dequantize = gguf.quants.dequantize
-        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._tensors = self._file.tensors
         self.arch = self._field("general.architecture")
         if self.arch not in _ARCHES:
             raise UnsupportedModelError(
@@ -84,11 +86,7 @@ class GGUFCheckpoint:
         return str(self.path)
 
     def _field(self, key: str, default: Any = None) -> Any:
-        field = self._reader.fields.get(key)
-        if field is None:
-            return default
-        value = field.contents()
-        return value
+        return self._file.field(key, default)
 
     def _build_config(self) -> dict[str, Any]:
         a = self.arch

