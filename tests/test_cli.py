@@ -151,7 +151,9 @@ def test_generate_missing_model_is_one_line(capsys):
 
 
 def test_compilation_cache_is_on_by_default_and_reused(tmp_path):
-    """A rerun loads the programs the first run compiled (their files are not rewritten)."""
+    """A rerun loads the programs the first run compiled (their files are not rewritten). The rerun
+    may add entries: JAX stores only programs that took over a second to compile, and a small one
+    can cross that line on a loaded machine."""
     cache = tmp_path / "xla"
     env = {"JAXREC_COMPILE_CACHE": str(cache)}
     cfg = write_config(tmp_path / "c.yaml", tmp_path / "a", train={"steps": 10, "eval_every": 10})
@@ -160,7 +162,8 @@ def test_compilation_cache_is_on_by_default_and_reused(tmp_path):
     assert any(name.startswith("jit_train_step") for name in first), sorted(first)
     cfg = write_config(tmp_path / "c.yaml", tmp_path / "b", train={"steps": 10, "eval_every": 10})
     assert run_cli(["train", str(cfg)], env=env).returncode == 0
-    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == first
+    second = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert first.items() <= second.items(), sorted(set(first.items()) - set(second.items()))
     off = tmp_path / "off"
     assert run_cli(["--no-compile-cache", "data", "stats", "synthetic"],
                    env={"JAXREC_COMPILE_CACHE": str(off)}).returncode == 0

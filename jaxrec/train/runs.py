@@ -202,9 +202,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: str = "best", for
 
 
 def _test_results_at(run_dir: Path, step: int) -> tuple[dict, dict]:
-    """The test metrics and protocols recorded for `step` (by training's final report or by
-    `jaxrec evaluate`), or empty when that step was never tested."""
-    for path in (run_dir / f"evaluate-step{step}.json", run_dir / "results.json"):
+    """The test metrics and protocols recorded for `step`, or empty when that step was never
+    tested. Training's final report comes first: it used the run's own protocol, while a later
+    `jaxrec evaluate` may have overridden it (sampled candidates, another split)."""
+    for path in (run_dir / "results.json", run_dir / f"evaluate-step{step}.json"):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
