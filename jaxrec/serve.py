@@ -4,13 +4,16 @@
                       "unknown": "reject" | "skip"}
                   -> {"results": [{"items": [...], "scores": [...]}, ...]}  (one per history, best first;
                      with "unknown": "skip" also "skipped": [{"row": r, "token": t}, ...])
-    GET  /health     {"status": "ok", "task": ..., "kind": ..., "items": catalogue size, "max_batch": N}
+    GET  /health     {"status": "ok", "task": ..., "kind": ..., "items": catalogue size, "max_k": largest k,
+                      "max_batch": N}
     GET  /manifest   the export's manifest.json
 
-A bad request gets a 4xx whose JSON body is {"error": one line naming the field/row and the problem,
-...}: wrong JSON or wrong types 422 (field named, e.g. `histories[0][2]`), an empty batch or history
-422, k outside 1..catalogue size 422, more histories than `max_batch` 413, unknown item tokens 422
-naming each token with its row (or, with "unknown": "skip", dropped and listed in "skipped").
+A bad request gets a 4xx whose JSON body is {"error": one line naming the field/row and the
+problem, ...}: wrong JSON or wrong types 422 (the field named, e.g. `histories[0][2]`); an empty
+batch or history 422; k outside 1..catalogue size, or above the top-k an export ranks, 422; more
+histories than `max_batch` 413; unknown item tokens 422 naming each token with its row (or, with
+"unknown": "skip", dropped and listed in "skipped"); any other refusal of the recommender (an
+ExportError) 422 with its message.
 
 The export is loaded once, before the socket accepts anything. Model calls run one at a time on
 one worker thread, off the event loop: the loop keeps answering /health while a batch is scored,
@@ -40,6 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
+from jaxrec.export.manifest import ExportError
 from jaxrec.export.recommend import UnknownItems
 
 DEFAULT_MAX_BATCH = 256
@@ -86,7 +90,7 @@ def describe_validation_error(errors: Sequence[dict]) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def check_request(request: RecommendRequest, n_items: int, max_batch: int) -> None:
+def check_request(request: RecommendRequest, n_items: int, max_batch: int, max_k: int | None = None) -> None:
     """The checks that need the catalogue or the server's limits (types are pydantic's)."""
     n = len(request.histories)
     if n == 0:
@@ -100,6 +104,8 @@ def check_request(request: RecommendRequest, n_items: int, max_batch: int) -> No
                                   + (f" (also empty: rows {empty[1:6]})" if len(empty) > 1 else ""))
     if not 1 <= request.k <= n_items:
         raise RequestProblem(422, f"k: {request.k} is outside 1..{n_items} (the catalogue holds {n_items} items)")
+    if max_k is not None and request.k > max_k:
+        raise RequestProblem(422, f"k: {request.k} is more than the {max_k} items this export ranks")
 
 
 def drop_unknown(histories: list[list[str]], known: set[str]) -> tuple[list[list[str]], list[tuple[int, str]]]:
@@ -131,6 +137,7 @@ def make_app(recommender, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
     n_items = len(items) - 1                 # index 0 is padding
     known = set(items[1:])
     manifest = dict(getattr(recommender, "manifest", {}) or {})
+    max_k = getattr(recommender, "max_k", None)      # exports that rank a fixed top-k say how many
     # One worker: model calls never overlap (see the module docstring).
     model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxrec-model")
 
@@ -156,7 +163,7 @@ def make_app(recommender, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "task": manifest.get("task"), "kind": manifest.get("kind"), "items": n_items,
-                "max_batch": max_batch}
+                "max_k": max_k if max_k is not None else n_items, "max_batch": max_batch}
 
     @app.get("/manifest")
     async def get_manifest() -> dict:
@@ -164,7 +171,7 @@ def make_app(recommender, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
 
     @app.post("/recommend")
     async def recommend(request: RecommendRequest) -> dict:
-        check_request(request, n_items, max_batch)
+        check_request(request, n_items, max_batch, max_k)
         histories, skipped = request.histories, []
         if request.unknown == "skip":
             histories, skipped = drop_unknown(histories, known)
@@ -181,8 +188,10 @@ def make_app(recommender, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
             answers = await loop.run_in_executor(
                 model_thread, lambda: recommender.recommend(padded, k=request.k,
                                                             exclude_history=request.exclude_history))
-        except UnknownItems as e:   # a recommender whose vocabulary is wider than `items` says otherwise
+        except UnknownItems as e:   # a recommender whose vocabulary is narrower than `items` says so
             raise RequestProblem(422, f"histories: {e}", unknown=_pairs(e.unknown)) from None
+        except ExportError as e:    # the recommender's own one-line refusal of this request
+            raise RequestProblem(422, str(e)) from None
         # Rows with fewer than k rankable items (all others excluded) end in -inf fillers:
         # not answers, and not representable in JSON.
         results = [{"items": [token for token, score in row if score > -math.inf],

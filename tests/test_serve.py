@@ -103,7 +103,8 @@ def test_recommend_equals_the_in_process_recommender(server, in_process, exclude
 
 def test_health_and_manifest(server, export, in_process):
     assert call(server, "/health") == (200, {"status": "ok", "task": "seqrec", "kind": "scoring",
-                                             "items": len(in_process.items) - 1, "max_batch": MAX_BATCH})
+                                             "items": len(in_process.items) - 1, "max_k": len(in_process.items) - 1,
+                                             "max_batch": MAX_BATCH})
     assert call(server, "/manifest") == (200, json.loads((export / "manifest.json").read_text()))
 
 
