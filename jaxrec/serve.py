@@ -192,11 +192,12 @@ def make_app(recommender, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
             raise RequestProblem(422, f"histories: {e}", unknown=_pairs(e.unknown)) from None
         except ExportError as e:    # the recommender's own one-line refusal of this request
             raise RequestProblem(422, str(e)) from None
-        # Rows with fewer than k rankable items (all others excluded) end in -inf fillers:
-        # not answers, and not representable in JSON.
-        results = [{"items": [token for token, score in row if score > -math.inf],
-                    "scores": [score for score in (s for _, s in row) if score > -math.inf]}
-                   for row in answers[:n]]
+        results = []
+        for row in answers[:n]:
+            # Rows with fewer than k rankable items (the rest excluded) may end in -inf fillers:
+            # not answers, and not JSON. (A NaN is left in: it fails loudly as a 500.)
+            kept = [(token, score) for token, score in row if score != -math.inf]
+            results.append({"items": [token for token, _ in kept], "scores": [score for _, score in kept]})
         body: dict[str, Any] = {"results": results}
         if request.unknown == "skip":
             body["skipped"] = _pairs(skipped)

@@ -15,7 +15,8 @@ Measured, each in its own fresh process where it matters:
   start       `jaxrec serve` from process start to the first 200 on /health
   served      one client, one keep-alive HTTP connection, requests sent back to back: p50 / p99 latency
               and requests/s for batch 1 and batch 64 (each request: k = 10, the run's history
-              exclusion, histories = users' last max_len items, users taken in turn)
+              exclusion, histories = users' last max_len items, users taken in turn; at most
+              --requests timed requests or --budget-s timed seconds, after 5 untimed ones)
   in_process  the same batches through `recommend()` in this process: what the server adds is the
               difference (HTTP, JSON, validation, one hop to the model thread)
 """
@@ -58,7 +59,10 @@ def _parse():
     p.add_argument("--run", default=str(REPO / "runs" / "bench_serve_sasrec_ml1m"))
     p.add_argument("--train-steps", type=int, default=282, help="training budget when the run is made (6 epochs)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    p.add_argument("--requests", type=int, nargs="+", default=[400, 100], help="timed requests per batch size")
+    p.add_argument("--requests", type=int, nargs="+", default=[1000, 200],
+                   help="timed requests per batch size (at most; see --budget-s)")
+    p.add_argument("--budget-s", type=float, default=120.0,
+                   help="stop a measurement after this many timed seconds even if fewer requests were sent")
     p.add_argument("--load-repeats", type=int, default=3)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--smoke", action="store_true", help="tiny synthetic run, few requests (checks the script)")
@@ -146,10 +150,12 @@ class Server:
         self.logs.cleanup()
 
 
-def time_requests(host: str, port: int, bodies: list[bytes], warmup: int) -> dict:
+def time_requests(host: str, port: int, bodies: list[bytes], warmup: int, budget_s: float) -> dict:
     conn = http.client.HTTPConnection(host, port, timeout=300)
     latencies = []
     for i, body in enumerate(bodies):
+        if sum(latencies) > budget_s:
+            break
         start = time.perf_counter()
         conn.request("POST", "/recommend", body, {"Content-Type": "application/json"})
         response = conn.getresponse()
@@ -200,7 +206,8 @@ def main() -> None:
         served = {}
         for size, count in zip(args.batches, args.requests):
             bodies = [json.dumps({"histories": b, "k": args.k}).encode() for b in batches(size, count)]
-            served[f"batch_{size}"] = {"batch": size, **time_requests(server.host, server.port, bodies, warmup)}
+            served[f"batch_{size}"] = {"batch": size, **time_requests(server.host, server.port, bodies, warmup,
+                                                                      args.budget_s)}
             served[f"batch_{size}"]["histories_per_s"] = served[f"batch_{size}"]["requests_per_s"] * size
             print(f"served batch {size}:", json.dumps(served[f"batch_{size}"]))
     finally:
@@ -212,6 +219,8 @@ def main() -> None:
     for size, count in zip(args.batches, args.requests):
         latencies = []
         for i, batch in enumerate(batches(size, count)):
+            if sum(latencies) > args.budget_s:
+                break
             start = time.perf_counter()
             rec.recommend(batch, k=args.k)
             if i >= warmup:
@@ -234,7 +243,8 @@ def main() -> None:
                               "hidden": rec.spec.get("hidden"), "layers": rec.spec.get("layers")},
                    "train_steps": None if args.export else args.train_steps, "k": args.k,
                    "exclude_history": rec.spec.get("exclude_history"), "clients": 1, "connection": "keep-alive",
-                   "warmup_requests": warmup, "server": f"jaxrec serve --max-batch {max(args.batches)}",
+                   "warmup_requests": warmup, "budget_s_per_measurement": args.budget_s,
+                   "server": f"jaxrec serve --max-batch {max(args.batches)}",
                    "histories": "users' last max_len items, users in turn", "smoke": args.smoke},
         "load": load,
         "server_ready_s": server.ready_s,
