@@ -10,8 +10,8 @@ holds results.json, then exported next to it.
 
 Measured, each in its own fresh process where it matters:
   load        `load_recommender(EXPORT)` (manifest, SHA-256 of every file, weights, model set-up) and
-              the first answer (its compilation), in new Python processes; importing jax, flax and
-              jaxrec is timed apart
+              the first answer (its compilation), in new Python processes; importing jax and the
+              task's code is timed apart (import_s)
   start       `jaxrec serve` from process start to the first 200 on /health
   served      one client, one keep-alive HTTP connection, requests sent back to back: p50 / p99 latency
               and requests/s for batch 1 and batch 64 (each request: k = 10, the run's history
@@ -40,9 +40,11 @@ sys.path.insert(0, str(REPO))
 LOAD_PROBE = """
 import json, sys, time
 t0 = time.perf_counter()
-import jax, flax.linen
-import jaxrec.export.seqrec
+import jax
+from jaxrec import registry
+from jaxrec.export.manifest import read_manifest
 from jaxrec.export.recommend import load_recommender
+registry.task_class(read_manifest(sys.argv[1], verify=False)["task"])   # the task's code (flax, models)
 t1 = time.perf_counter()
 rec = load_recommender(sys.argv[1])
 t2 = time.perf_counter()
@@ -50,7 +52,6 @@ rec.recommend([[rec.items[1]]], k=10)
 t3 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_answer_s": t3 - t2}))
 """
-
 
 def _parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,6 +238,7 @@ def main() -> None:
                                "latencies are pessimistic and p99 includes their interference"},
         "versions": {name: version(name) for name in ("fastapi", "uvicorn", "starlette", "pydantic")},
         "config": {"export": {"task": manifest.get("task"), "kind": manifest.get("kind"),
+                              "recommender": f"{type(rec).__module__}.{type(rec).__name__}",
                               "run_step": manifest.get("run", {}).get("step"), "protocol": manifest.get("protocol"),
                               "test_metrics": manifest.get("metrics", {}).get("test"),
                               "items": len(rec.items) - 1, "max_len": rec.spec.get("max_len"),
