@@ -180,6 +180,17 @@ def summarise(latencies: list[float]) -> dict:
             "max_ms": 1e3 * ordered[-1]}
 
 
+def _commit() -> str | None:
+    """The checkout's commit (+ "-dirty"): which server and recommender code was measured."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def main() -> None:
     args = _parse()
     if args.smoke:
@@ -231,6 +242,7 @@ def main() -> None:
 
     report = {
         "benchmark": "bench_serve",
+        "commit": _commit(),
         "machine": machine_info(),
         "conditions": {"niceness": os.nice(0), "load_average_1_5_15_before": load_before,
                        "load_average_1_5_15_after": os.getloadavg(),
