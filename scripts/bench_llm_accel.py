@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_llm import PROJECTIONS, lora_train_step  # noqa: E402  (one definition of the timed step)
 
 PRESETS = {
     # Llama-3.2-1B's shapes (tied embeddings, grouped-query attention).
@@ -89,7 +92,7 @@ def bench_jaxrec(args, shape: dict, ids: np.ndarray) -> dict:
     import optax
 
     from jaxrec.models.llama import Llama, LlamaConfig, param_shardings
-    from jaxrec.models.lora import LoraConfig, merge_trainable, split_trainable
+    from jaxrec.models.lora import LoraConfig, split_trainable
     from jaxrec.sharding import Layout
 
     data, fsdp = (int(x) for x in args.mesh.split(","))
@@ -105,16 +108,7 @@ def bench_jaxrec(args, shape: dict, ids: np.ndarray) -> dict:
         trainable, frozen = split_trainable(params)
         tx = optax.adamw(1e-4)
         opt_state = tx.init(trainable)
-
-        def loss_fn(trainable, frozen, ids):
-            logits = model.apply({"params": merge_trainable(trainable, frozen)}, ids).logits
-            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
-
-        @jax.jit
-        def train_step(trainable, opt_state, frozen, ids):
-            loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids)
-            updates, opt_state = tx.update(grads, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state, loss
+        train_step = lora_train_step(model, tx)
 
         batch = jax.device_put(ids, layout.batch(ids.shape))
         state = {"trainable": trainable, "opt": opt_state}

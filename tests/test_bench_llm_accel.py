@@ -3,7 +3,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_llm_accel.py"
 _spec = importlib.util.spec_from_file_location("bench_llm_accel", SCRIPT)
