@@ -86,10 +86,12 @@ def _torch_logits(model, ids, mask):
     return out.logits.float().numpy()
 
 
-def _close_on_logit_scale(got, want):
+def _close_on_logit_scale(got, want, mask):
     # float32 on both sides, different summation orders: differences are ~1e-6 of the logit
     # scale; 1e-4 of it (the bar) still catches a missing delta, a wrong transpose or
     # scale, or a q/k permutation, each of which moves logits by a sizeable fraction of it.
+    # Padding positions are compared nowhere: what a fully masked query attends to is arbitrary.
+    got, want = got[mask == 1], want[mask == 1]
     scale = float(np.abs(want).max())
     assert float(np.abs(got - want).max()) <= 1e-4 * scale, (float(np.abs(got - want).max()), scale)
 
@@ -166,12 +168,12 @@ def test_lora_export_loads_in_transformers_and_peft_and_recommends_alone(inputs)
             "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(manifest["files"])
 
     merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
-    _close_on_logit_scale(_torch_logits(merged, ids, mask), want)
+    _close_on_logit_scale(_torch_logits(merged, ids, mask), want, mask)
     base = transformers.AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32).eval()
     base_logits = _torch_logits(base, ids, mask)
     assert np.abs(base_logits - want).max() > 1e-2 * np.abs(want).max()   # the adapter matters
     adapted = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
-    _close_on_logit_scale(_torch_logits(adapted, ids, mask), want)
+    _close_on_logit_scale(_torch_logits(adapted, ids, mask), want, mask)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out / "merged")
     assert tokenizer("Red Wolf, Blue Moon")["input_ids"] == \
         transformers.AutoTokenizer.from_pretrained(llm)("Red Wolf, Blue Moon")["input_ids"]
