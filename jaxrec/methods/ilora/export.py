@@ -77,6 +77,10 @@ def export_ilora(task, params, frozen, state, out_dir: Path) -> tuple[list[Path]
     from jaxrec.weights.hf_writer import save_hf_checkpoint, save_peft_adapter
 
     out_dir, m = Path(out_dir), task.m
+    if m.experts == 1:
+        # Refuse a base without a config.json form (GGUF-only rope factors) before writing anything.
+        from jaxrec.weights.hf_writer import hf_config_dict
+        hf_config_dict(task.llm_config.with_lora(None))
     writer = jax.process_index() == 0
     guide_run = task.upstream_runs.get("guide")
     written: list[Path] = []
