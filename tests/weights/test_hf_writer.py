@@ -1,6 +1,6 @@
 """Writing Hugging Face checkpoints back: the loader's name table read backwards, a merged
 LoRA model that transformers loads, and a PEFT adapter that peft loads on the base — both
-giving jaxrec's logits. Qwen2-style: tied embeddings, q/k/v biases, yarn rope."""
+giving jaxrec's logits."""
 import dataclasses
 import json
 
@@ -27,6 +27,13 @@ def base(tmp_path_factory):
     return fx.save_hf_model(hf, tmp_path_factory.mktemp("qwen2"))
 
 
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def any_base(request, tmp_path_factory):
+    """Qwen2 (tied, q/k/v biases, yarn) and Llama 3-style (untied head, llama3 rope scaling)."""
+    hf = fx.make_hf_model(request.param, seed=3)
+    return fx.save_hf_model(hf, tmp_path_factory.mktemp(request.param))
+
+
 def test_written_tensors_are_the_read_ones_exactly(base, tmp_path):
     config, params = load_pretrained(base)
     written = save_hf_checkpoint(tmp_path / "out", config, params)
@@ -48,7 +55,8 @@ def _logits(model, ids, mask):
     return out.logits.float().numpy()
 
 
-def test_merged_model_and_peft_adapter_give_jaxrec_lora_logits(base, tmp_path):
+def test_merged_model_and_peft_adapter_give_jaxrec_lora_logits(any_base, tmp_path):
+    base = any_base
     lora = LoraConfig(rank=4, alpha=8.0, targets=ALL_PROJECTIONS)
     config, params = load_pretrained(base, lora=lora, rng=jax.random.key(1))
     rng = np.random.default_rng(0)
