@@ -91,3 +91,18 @@ def test_rope_forms_without_a_config_json_are_refused(base):
         hf_config_dict(gguf_style)
     with pytest.raises(ValueError, match="experts"):
         save_peft_adapter("unused", config.with_lora(LoraConfig(rank=4, num_experts=2)), {}, "base")
+
+
+def test_a_gguf_base_is_written_in_the_hugging_face_layout(tmp_path):
+    """llama.cpp permutes q/k rows; the loader undoes it, so the written tensors are the
+    original Hugging Face ones bit for bit (float32 GGUF), not the file's permuted rows."""
+    pytest.importorskip("gguf")
+    from tests.weights.test_gguf import write_gguf
+    hf = fx.make_hf_model("llama", seed=5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config, params = load_pretrained(write_gguf(hf, tmp_path / "tiny.gguf"))
+    save_hf_checkpoint(tmp_path / "out", config, params)
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    original = {k: v.numpy() for k, v in hf.state_dict().items()}
+    assert set(written) == set(original)
+    for name, value in written.items():
+        np.testing.assert_array_equal(value, original[name], err_msg=name)
