@@ -74,8 +74,8 @@ def save_hf_checkpoint(directory: str | Path, config: LlamaConfig, params: Any,
 
 def save_peft_adapter(directory: str | Path, config: LlamaConfig, params: Any,
                       base_model_name_or_path: str) -> list[Path]:
-    """A PEFT LoRA adapter directory of the adapter leaves in `params` (`config.lora` with one
-    expert). PEFT's scale is lora_alpha / r, jaxrec's plain-LoRA scale alpha / r: the same."""
+    """A PEFT LoRA adapter directory of the adapter leaves in `params` (the full tree or only
+    its adapters; `config.lora` with one expert). PEFT's scale is lora_alpha / r, jaxrec's plain-LoRA scale alpha / r: the same."""
     lora = config.lora
     if lora is None:
         raise ValueError("the model has no LoRA adapter to export")

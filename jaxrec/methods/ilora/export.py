@@ -108,11 +108,11 @@ def export_ilora(task, params, frozen, state, out_dir: Path) -> tuple[list[Path]
         # LLaRA's LoRA: one adapter for every sequence, so it folds into the base weights.
         full = merge_trainable(params["adapters"], frozen["llm"])
         merged = jax.device_get(merge_lora(full, task.llm_config.lora))
-        host_full = jax.device_get(full)
         if writer:
             written += save_hf_checkpoint(out_dir / "merged", task.llm_config.with_lora(None), merged,
                                           tokenizer_from=task.base_path)
-            written += save_peft_adapter(out_dir / "adapter", task.llm_config, host_full, base["path"])
+            written += save_peft_adapter(out_dir / "adapter", task.llm_config, jax.device_get(params["adapters"]),
+                                         base["path"])
         llm_source = "merged"
         info["adapter_base"] = base        # what adapter/ goes on; the recommender does not need it
     else:
