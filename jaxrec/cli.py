@@ -89,7 +89,8 @@ def _add_recommend_parser(sub) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--exclude-history", dest="exclude_history", action="store_true", default=None,
                        help="never recommend an item of the history (default: the run's eval.exclude_history)")
-    group.add_argument("--include-history", dest="exclude_history", action="store_false")
+    group.add_argument("--include-history", dest="exclude_history", action="store_false",
+                       help="history items may be recommended again")
     p.add_argument("--skip-unknown", action="store_true",
                    help="drop item tokens the export does not know (reported) instead of refusing the input")
     p.add_argument("--batch-size", type=int, default=256, help="histories scored at once (default 256)")

@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import load_file, save_file
 
 import jaxrec
@@ -113,7 +113,7 @@ def serialize_scorer(score, flat: dict[str, np.ndarray], names: Sequence[str], m
                      platforms: Sequence[str]) -> bytes:
     """`score` exported with symbolic batch and exclusion width, parameters as arguments."""
     def exported_fn(*args):
-        params = _unflatten(dict(zip(names, args[:len(names)])))
+        params = unflatten_dict({tuple(name.split("/")): a for name, a in zip(names, args[:len(names)])})
         return score(params, *args[len(names):])
 
     batch, width = jax.export.symbolic_shape("b, m")
@@ -127,17 +127,6 @@ def serialize_scorer(score, flat: dict[str, np.ndarray], names: Sequence[str], m
     return bytes(exported.serialize())
 
 
-def _unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for name, value in flat.items():
-        *path, leaf = name.split("/")
-        node = tree
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
 def _bucket(n: int) -> int:
     """The next power of two >= n: exclusion widths are padded to it, so a stream of
     histories of every length compiles a handful of programs, not one per length."""
@@ -147,12 +136,11 @@ def _bucket(n: int) -> int:
 class ScoringRecommender:
     """Top-k next items for raw histories of original item tokens, by the exported artifact."""
 
-    def __init__(self, spec: dict, params: dict[str, np.ndarray], items: list[str], exported, where: Path):
-        self.spec, self.params, self.items, self.where = spec, params, items, where
+    def __init__(self, spec: dict, params: dict[str, np.ndarray], items: list[str], exported):
+        self.spec, self.params, self.items = spec, params, items
         self.index = {token: i for i, token in enumerate(items) if i > 0}
         self._args = [jnp.asarray(params[n]) for n in spec["param_order"]]
-        self._exported = exported
-        self._call = jax.jit(exported.call)
+        self._call = jax.jit(exported.call)   # compiled once per input shape
 
     @classmethod
     def load(cls, directory: str | Path) -> "ScoringRecommender":
@@ -177,7 +165,7 @@ class ScoringRecommender:
                 from None
         params = load_file(str(directory / "model.safetensors"))
         items = json.loads((directory / "items.json").read_text(encoding="utf-8"))
-        return cls(spec, params, items, exported, directory)
+        return cls(spec, params, items, exported)
 
     @property
     def max_k(self) -> int:

@@ -115,11 +115,21 @@ def exported(tmp_path_factory):
     m = task.config.model
     brute, magnitude = brute_force(query, np.asarray(params["item_embedding"]), m.similarity, m.temperature, ids,
                                    exclude=True)
+    # What `jaxrec evaluate` reports with the history included (with it excluded, evaluation still
+    # ranks a target that repeats a history item, which a recommender cannot know to keep), and
+    # the examples it is measured on.
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["evaluate", str(tmp / "run"), "eval.exclude_history=false"]) == 0
+    report = json.loads(next((tmp / "run").glob("evaluate-step*.json")).read_text())
+    store, test = task.store, task.split.tests["test"]
+    evaluated = {"metrics": report["results"]["test"], "targets": [vocab[t] for t in test.targets],
+                 "histories": [store.item_vocab[store.item_ids[store.user_offsets[u]:end]].tolist()
+                               for u, end in zip(test.users, test.history_end)]}
     shutil.rmtree(tmp / "run")
     data.unlink()
     return {"out": out, "cuda_only": cuda_only, "histories": histories, "vocab": vocab, "inputs": inputs,
             "exclude": exclude, "brute": brute, "tol": tolerance(magnitude, m.hidden), "tmp": tmp,
-            "refused": (refused, err.getvalue())}
+            "refused": (refused, err.getvalue()), "evaluated": evaluated}
 
 
 def test_artifact_answers_like_the_model_at_batch_sizes_1_7_256(exported):
@@ -188,6 +198,23 @@ def test_recommend_answers_from_the_export_alone(exported, tmp_path, capsys, mon
     assert main(["recommend", str(exported["out"]), "-k", str(TOP_K), "--include-history", lines[0]]) == 0
     included = json.loads(capsys.readouterr().out)["items"]
     assert set(included) & set(histories[0]) and included[:10] != answers[0]["items"]
+
+
+def test_recommend_reproduces_the_evaluated_metrics(exported, tmp_path, capsys):
+    """HR@10 and NDCG@10 computed from `jaxrec recommend`'s lists for the test users equal what
+    `jaxrec evaluate` measured on the same model (full ranking, history included), although the
+    run directory and the data are gone."""
+    evaluated = exported["evaluated"]
+    (tmp_path / "test.txt").write_text("\n".join(json.dumps(h) for h in evaluated["histories"]) + "\n")
+    assert main(["recommend", str(exported["out"]), "--file", str(tmp_path / "test.txt"), "-k", "10",
+                 "--include-history"]) == 0
+    lists = [json.loads(line)["items"] for line in capsys.readouterr().out.splitlines()]
+    ranks = [items.index(t) + 1 if t in items else None for items, t in zip(lists, evaluated["targets"])]
+    hr = np.mean([r is not None for r in ranks])
+    ndcg = np.mean([1 / np.log2(r + 1) if r else 0.0 for r in ranks])
+    # float32 means over 100 users in evaluation: a few ulps of difference at most.
+    assert hr == pytest.approx(evaluated["metrics"]["hr@10"], abs=1e-6)
+    assert ndcg == pytest.approx(evaluated["metrics"]["ndcg@10"], abs=1e-6)
 
 
 def test_unknown_items_are_refused_or_skipped_by_row(exported, capsys):
