@@ -204,7 +204,8 @@ class Task:
     def export(self, params, frozen, state, out_dir) -> list[str]:
         """Write deployable artifacts into `out_dir` (empty, created); returns the written
         paths. `jaxrec export` then writes `manifest.json` over them (`jaxrec.export.manifest`).
-        `self.export_options` holds the command's options (top-k, platforms). A task without an export raises `ExportUnsupported` naming what to use instead."""
+        `self.export_options` holds the command's options (top-k, platforms). A task without an
+        export raises `ExportUnsupported` naming what to use instead."""
         raise ExportUnsupported(f"task {self.name!r} has no export artifact yet")
 
     @classmethod
