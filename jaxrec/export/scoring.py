@@ -129,7 +129,7 @@ def serialize_scorer(score, flat: dict[str, np.ndarray], names: Sequence[str], m
 
 def _bucket(n: int) -> int:
     """The next power of two >= n: exclusion widths are padded to it, so a stream of
-    histories of every length compiles a handful of programs, not one per length."""
+    histories of every length compiles a few programs, not one per length."""
     return 1 << max(0, int(n) - 1).bit_length()
 
 
@@ -183,7 +183,8 @@ class ScoringRecommender:
         L = self.spec["max_len"]
         ids = [[self.index[t] for t in history] for history in histories]
         inputs = np.zeros((len(ids), L), np.int32)
-        width = _bucket(max(len(r) for r in ids)) if exclude_history and ids else 1
+        # At least max_len wide: histories up to max_len items (the usual case) share one program.
+        width = _bucket(max([L] + [len(r) for r in ids])) if exclude_history else 1
         exclude = np.zeros((len(ids), width), np.int32)
         for row, r in enumerate(ids):
             tail = r[-L:]
