@@ -73,7 +73,7 @@ def export_ilora(task, params, frozen, state, out_dir: Path) -> tuple[list[Path]
     """Write the files above; returns (written paths, the manifest fields of this export)."""
     from safetensors.numpy import save_file
 
-    from jaxrec.export.seqrec import export_seqrec
+    from jaxrec.export.scoring import export_scoring
     from jaxrec.weights.hf_writer import save_hf_checkpoint, save_peft_adapter
 
     out_dir, m = Path(out_dir), task.m
@@ -99,7 +99,8 @@ def export_ilora(task, params, frozen, state, out_dir: Path) -> tuple[list[Path]
     written += [out_dir / TRAINED_FILE, out_dir / ITEMS_FILE, out_dir / TITLES_FILE]
     if guide_run is not None:
         (out_dir / "guide").mkdir(exist_ok=True)
-        written += [Path(p) for p in export_seqrec(guide_run.task, guide_run.host_params(), out_dir / "guide")]
+        written += [Path(p) for p in export_scoring(guide_run.task, guide_run.host_params(), out_dir / "guide",
+                                                    platforms=("cpu",))]
 
     base = base_reference(task.base_path, task.fingerprints()["base_model"])
     info: dict[str, Any] = {"kind": "llm_rerank"}
@@ -139,7 +140,7 @@ def export_ilora(task, params, frozen, state, out_dir: Path) -> tuple[list[Path]
         "experts": m.experts, "gate": m.gate if m.experts > 1 else None,
         "prompt": f"{m.prompt} ({m.domain!r} templates, template {TEMPLATE})",
         "files": {SPEC_FILE: "how to rebuild the recommender", TRAINED_FILE: "adapters, projector, gate (+ BatchNorm "
-                  "statistics), [PH] vector", "guide/": "the SASRec guide (seqrec export)",
+                  "statistics), [PH] vector", "guide/": "the SASRec guide (a scoring export)",
                   **({"merged/": "Hugging Face directory, LoRA merged", "adapter/": "PEFT LoRA adapter"}
                      if m.experts == 1 else {})},
     })

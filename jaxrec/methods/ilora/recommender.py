@@ -91,8 +91,6 @@ class ILoRARecommender:
     def load(cls, directory: str | Path, manifest: dict) -> "ILoRARecommender":
         from safetensors.numpy import load_file
 
-        from jaxrec.export.seqrec import SeqRecRecommender
-        from jaxrec.methods.seqrec.guide import Guide
         directory = Path(directory)
         spec = json.loads((directory / SPEC_FILE).read_text(encoding="utf-8"))
         if spec.get("format") != FORMAT:
@@ -104,12 +102,7 @@ class ILoRARecommender:
             if not ref:
                 raise ExportError(f"{directory / 'manifest.json'}: no external base_model for the LLM")
             llm_path = Path(ref["path"])
-        guide = None
-        if spec["guide"]:
-            g = SeqRecRecommender.load(directory / "guide")
-            guide = Guide(run_dir="", step=0, model=g.model, params=g.params, item_vocab=np.asarray(g.items),
-                          hidden=int(g.params["item_embedding"].shape[1]), sha256="",
-                          similarity=g.spec.get("similarity", "dot"), temperature=g.spec.get("temperature", 1.0))
+        guide = _load_guide(directory / "guide") if spec["guide"] else None
         trained = load_file(str(directory / TRAINED_FILE))
         items = json.loads((directory / ITEMS_FILE).read_text(encoding="utf-8"))
         titles = json.loads((directory / TITLES_FILE).read_text(encoding="utf-8"))
@@ -197,3 +190,25 @@ class ILoRARecommender:
             order = np.argsort(-row_s, kind="stable")[:k]
             out.append([(self.items[row_c[j]], float(row_s[j])) for j in order])
         return out
+
+
+def _load_guide(directory: Path):
+    """The SASRec guide from its scoring export: the router and the default candidates need its
+    hidden state, not only its top-k, so the Flax model is rebuilt from `model.json`."""
+    from safetensors.numpy import load_file
+
+    from jaxrec.export.scoring import FORMAT as SCORING_FORMAT
+    from jaxrec.methods.seqrec.guide import Guide
+    from jaxrec.models.encoder import build_sequence_model
+    spec_path = directory / "model.json"
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    if spec.get("format") != SCORING_FORMAT:
+        raise ExportError(f"{spec_path}: format {spec.get('format')!r}, expected {SCORING_FORMAT!r}")
+    flat = load_file(str(directory / "model.safetensors"))
+    params = unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
+    items = json.loads((directory / "items.json").read_text(encoding="utf-8"))
+    model = build_sequence_model(spec["backbone"], spec["n_items"], spec["max_len"], hidden=spec["hidden"],
+                                 n_layers=spec["layers"], n_heads=spec["heads"], inner=spec["inner"], dropout=0.0)
+    return Guide(run_dir="", step=0, model=model, params=params, item_vocab=np.asarray(items),
+                 hidden=int(params["item_embedding"].shape[1]), sha256="",
+                 similarity=spec.get("similarity", "dot"), temperature=spec.get("temperature", 1.0))
