@@ -1,4 +1,4 @@
-"""`jaxrec train | evaluate | export | serve | data stats | generate`.
+"""`jaxrec train | evaluate | export | recommend | serve | data stats | generate`.
 
 Expected failures (bad config, malformed data, missing or damaged checkpoints, NaN loss,
 a run directory another training holds, a full disk, a read-only or forbidden path)
@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--force", action="store_true", help="replace the contents of a non-empty out_dir")
     p.add_argument("--step", default="best", help="best | latest | a step number (default: best)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="scoring exports: how many items the compiled artifact ranks (default 100, at most the "
+                        "catalogue); `recommend -k` can ask for up to this many")
+    p.add_argument("--platforms", default="cpu,cuda",
+                   help="platforms compiled artifacts are serialized for, comma-separated (default: cpu,cuda)")
+
+    _add_recommend_parser(sub)
 
     p = sub.add_parser("serve", help="answer top-k requests over HTTP from an export (needs jaxrec[serve])",
                        description="POST /recommend, GET /health, GET /manifest; see jaxrec/serve.py.")
@@ -85,6 +92,53 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_recommend_parser(sub) -> None:
+    p = sub.add_parser("recommend", help="top-k items for histories of raw item tokens, from an export directory",
+                       description="Top-k next items from an export alone (see docs/export.md). One history per "
+                                   "argument or input line: tokens separated by spaces or commas, or a JSON list. "
+                                   "Prints one JSON line per history: {\"row\", \"items\", \"scores\"}.")
+    p.add_argument("export_dir", help="a directory written by `jaxrec export`")
+    p.add_argument("histories", nargs="*", help="histories (default: read --file, else stdin)")
+    p.add_argument("--file", default=None, help="read histories from this file, one per line ('-' = stdin)")
+    p.add_argument("-k", type=int, default=10, help="items per history (default 10)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--exclude-history", dest="exclude_history", action="store_true", default=None,
+                       help="never recommend an item of the history (default: the run's eval.exclude_history)")
+    group.add_argument("--include-history", dest="exclude_history", action="store_false",
+                       help="history items may be recommended again")
+    p.add_argument("--skip-unknown", action="store_true",
+                   help="drop item tokens the export does not know (reported) instead of refusing the input")
+    p.add_argument("--batch-size", type=int, default=256, help="histories scored at once (default 256)")
+
+
+def _recommend(args) -> int:
+    from jaxrec.export.histories import read_histories, recommend_lines
+    from jaxrec.export.manifest import ExportError
+    from jaxrec.export.recommend import load_recommender
+    rec = load_recommender(args.export_dir)
+    if args.file not in (None, "-"):
+        if not os.path.isfile(args.file):
+            raise FileNotFoundError(f"{args.file}: no such file")
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                histories = read_histories(args.histories, f, args.file)
+        except UnicodeDecodeError as e:
+            raise ExportError(f"{args.file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    elif args.file == "-" or not args.histories:
+        histories = read_histories(args.histories, sys.stdin, "<stdin>")
+    else:
+        histories = read_histories(args.histories, None, "")
+    lines, skipped = recommend_lines(rec, histories, args.k, args.exclude_history, args.batch_size,
+                                     args.skip_unknown)
+    if skipped:
+        shown = "; ".join(f"row {row}: {', '.join(map(repr, tokens))}" for row, tokens in list(skipped.items())[:5])
+        more = f" (and {len(skipped) - 5} more rows)" if len(skipped) > 5 else ""
+        print(f"jaxrec: warning: skipped unknown item tokens: {shown}{more}", file=sys.stderr)
+    for line in lines:
+        print(line)
+    return 0
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxrec.config import ConfigError
     from jaxrec.export.manifest import ExportError
@@ -113,9 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     # argparse's positional `nargs="*"` does not collect on its own.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+        if hasattr(args, "histories") and not any(x.startswith("-") for x in extra):
+            args.histories = [*args.histories, *extra]
+        elif not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = [*args.overrides, *extra]
+        else:
+            args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     enable_compile_cache(None if args.no_compile_cache else compile_cache_dir())
     for noisy in ("absl", "orbax", "jax._src", "grain"):
@@ -209,9 +266,13 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "export":
         from jaxrec.train.runs import export_run
-        for path in export_run(args.run_dir, args.out_dir, step=args.step, force=args.force):
+        from jaxrec.train.task import ExportOptions
+        options = ExportOptions(top_k=args.top_k, platforms=tuple(p for p in args.platforms.split(",") if p))
+        for path in export_run(args.run_dir, args.out_dir, step=args.step, force=args.force, options=options):
             print(path)
         return 0
+    if args.command == "recommend":
+        return _recommend(args)
     if args.command == "serve":
         return _serve(args)
     if args.command == "data":

@@ -3,7 +3,8 @@
     POST /recommend  {"histories": [["tok", ...], ...], "k": 10, "exclude_history": null,
                       "unknown": "reject" | "skip"}
                   -> {"results": [{"items": [...], "scores": [...]}, ...]}  (one per history, best first;
-                     with "unknown": "skip" also "skipped": [{"row": r, "token": t}, ...])
+                     with "unknown": "skip", a history that lost tokens also has "skipped": [...],
+                     as in `jaxrec recommend`'s lines)
     GET  /health     {"status": "ok", "task": ..., "kind": ..., "items": catalogue size, "max_k": largest k,
                       "max_batch": N}
     GET  /manifest   the export's manifest.json
@@ -12,7 +13,7 @@ A bad request gets a 4xx whose JSON body is {"error": one line naming the field/
 problem, ...}: wrong JSON or wrong types 422 (the field named, e.g. `histories[0][2]`); an empty
 batch or history 422; k outside 1..catalogue size, or above the top-k an export ranks, 422; more
 histories than `max_batch` 413; unknown item tokens 422 naming each token with its row (or, with
-"unknown": "skip", dropped and listed in "skipped"); any other refusal of the recommender (an
+"unknown": "skip", dropped and listed in the result's "skipped"); any other refusal of the recommender (an
 ExportError) 422 with its message.
 
 The export is loaded once, before the socket accepts anything. Model calls run one at a time on
@@ -43,6 +44,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
+from jaxrec.export.histories import check_histories
 from jaxrec.export.manifest import ExportError
 from jaxrec.export.recommend import UnknownItems
 
@@ -91,35 +93,18 @@ def describe_validation_error(errors: Sequence[dict]) -> str:
 
 
 def check_request(request: RecommendRequest, n_items: int, max_batch: int, max_k: int | None = None) -> None:
-    """The checks that need the catalogue or the server's limits (types are pydantic's)."""
+    """The batch and k against the server's limits and the catalogue (types are pydantic's; the
+    histories' own checks are `check_histories`, shared with `jaxrec recommend`)."""
     n = len(request.histories)
     if n == 0:
         raise RequestProblem(422, "histories: empty batch; give at least one history")
     if n > max_batch:
         raise RequestProblem(413, f"histories: {n} histories in one request, more than this server's "
                                   f"--max-batch {max_batch}; split the batch")
-    empty = [row for row, history in enumerate(request.histories) if not history]
-    if empty:
-        raise RequestProblem(422, f"histories[{empty[0]}]: empty history; give at least one item token"
-                                  + (f" (also empty: rows {empty[1:6]})" if len(empty) > 1 else ""))
     if not 1 <= request.k <= n_items:
         raise RequestProblem(422, f"k: {request.k} is outside 1..{n_items} (the catalogue holds {n_items} items)")
     if max_k is not None and request.k > max_k:
         raise RequestProblem(422, f"k: {request.k} is more than the {max_k} items this export ranks")
-
-
-def drop_unknown(histories: list[list[str]], known: set[str]) -> tuple[list[list[str]], list[tuple[int, str]]]:
-    """Histories without tokens outside `known`, and the dropped (row, token) pairs."""
-    skipped = [(row, token) for row, history in enumerate(histories) for token in history if token not in known]
-    if not skipped:
-        return histories, []
-    kept = [[token for token in history if token in known] for history in histories]
-    emptied = [row for row, history in enumerate(kept) if not history]
-    if emptied:
-        tokens = [token for row, token in skipped if row == emptied[0]]
-        raise RequestProblem(422, f"histories[{emptied[0]}]: no known item left after skipping unknown "
-                                  f"token(s) {tokens[:5]}", unknown=_pairs(skipped))
-    return kept, skipped
 
 
 def _pairs(unknown: Sequence[tuple[int, str]]) -> list[dict]:
@@ -135,7 +120,6 @@ def make_app(recommender, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
     """The HTTP application around a loaded recommender (no socket: tests drive it directly)."""
     items = recommender.items
     n_items = len(items) - 1                 # index 0 is padding
-    known = set(items[1:])
     manifest = dict(getattr(recommender, "manifest", {}) or {})
     max_k = getattr(recommender, "max_k", None)      # exports that rank a fixed top-k say how many
     # One worker: model calls never overlap (see the module docstring).
@@ -172,15 +156,13 @@ def make_app(recommender, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
     @app.post("/recommend")
     async def recommend(request: RecommendRequest) -> dict:
         check_request(request, n_items, max_batch, max_k)
-        histories, skipped = request.histories, []
-        if request.unknown == "skip":
-            histories, skipped = drop_unknown(histories, known)
-        else:
-            unknown = [(row, token) for row, history in enumerate(histories) for token in history
-                       if token not in known]
-            if unknown:
-                raise RequestProblem(422, f"histories: {UnknownItems(unknown)} (send \"unknown\": \"skip\" to "
-                                          f"drop them)", unknown=_pairs(unknown))
+        try:
+            histories, skipped = check_histories(recommender, request.histories, request.unknown == "skip")
+        except UnknownItems as e:
+            raise RequestProblem(422, f"histories: {e} (send \"unknown\": \"skip\" to drop them)",
+                                 unknown=_pairs(e.unknown)) from None
+        except ExportError as e:    # an empty history, given or left after skipping
+            raise RequestProblem(422, f"histories: {e}") from None
         n = len(histories)
         padded = histories + [histories[0]] * (padded_batch_size(n, max_batch) - n)
         loop = asyncio.get_running_loop()
@@ -193,15 +175,15 @@ def make_app(recommender, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
         except ExportError as e:    # the recommender's own one-line refusal of this request
             raise RequestProblem(422, str(e)) from None
         results = []
-        for row in answers[:n]:
+        for row, top in enumerate(answers[:n]):
             # Rows with fewer than k rankable items (the rest excluded) may end in -inf fillers:
             # not answers, and not JSON. (A NaN is left in: it fails loudly as a 500.)
-            kept = [(token, score) for token, score in row if score != -math.inf]
-            results.append({"items": [token for token, _ in kept], "scores": [score for _, score in kept]})
-        body: dict[str, Any] = {"results": results}
-        if request.unknown == "skip":
-            body["skipped"] = _pairs(skipped)
-        return body
+            kept = [(token, score) for token, score in top if score != -math.inf]
+            result: dict[str, Any] = {"items": [token for token, _ in kept], "scores": [score for _, score in kept]}
+            if row in skipped:
+                result["skipped"] = skipped[row]
+            results.append(result)
+        return {"results": results}
 
     return app
 

@@ -43,22 +43,13 @@ def timed(fn, repeats: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-def bench_jax(args, dtype: str, batch_ids: np.ndarray, prompt: np.ndarray) -> dict:
+def lora_train_step(model, tx):
+    """The jitted `(adapters, opt_state, frozen base, ids) -> (adapters, opt_state, loss)` both
+    LoRA benchmarks time: causal-LM cross-entropy over the whole sequence."""
     import jax
-    import jax.numpy as jnp
     import optax
 
-    from jaxrec.models.generate import greedy_generate, prefill
-    from jaxrec.models.llama import Llama
-    from jaxrec.models.lora import LoraConfig, merge_trainable, split_trainable
-    from jaxrec.weights import load_pretrained
-
-    lora = LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets="|".join(PROJECTIONS))
-    config, params = load_pretrained(args.model, dtype=dtype, param_dtype=dtype, lora=lora)
-    model = Llama(config)
-    trainable, frozen = split_trainable(params)
-    tx = optax.adamw(1e-4)
-    opt_state = tx.init(trainable)
+    from jaxrec.models.lora import merge_trainable
 
     def loss_fn(trainable, frozen, ids):
         logits = model.apply({"params": merge_trainable(trainable, frozen)}, ids).logits
@@ -70,6 +61,25 @@ def bench_jax(args, dtype: str, batch_ids: np.ndarray, prompt: np.ndarray) -> di
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
+    return train_step
+
+
+def bench_jax(args, dtype: str, batch_ids: np.ndarray, prompt: np.ndarray) -> dict:
+    import jax.numpy as jnp
+    import optax
+
+    from jaxrec.models.generate import greedy_generate, prefill
+    from jaxrec.models.llama import Llama
+    from jaxrec.models.lora import LoraConfig, split_trainable
+    from jaxrec.weights import load_pretrained
+
+    lora = LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets="|".join(PROJECTIONS))
+    config, params = load_pretrained(args.model, dtype=dtype, param_dtype=dtype, lora=lora)
+    model = Llama(config)
+    trainable, frozen = split_trainable(params)
+    tx = optax.adamw(1e-4)
+    opt_state = tx.init(trainable)
+    train_step = lora_train_step(model, tx)
     ids = jnp.asarray(batch_ids)
     state = [trainable, opt_state]
 

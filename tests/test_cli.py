@@ -68,13 +68,17 @@ def test_export_loads_without_checkpoint_and_recommends(trained_on_8, tmp_path):
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
     rec = load_recommender(tmp_path / "export")
     history = [rec.items[i] for i in (1, 2, 3)]
-    top = rec.recommend([history], k=5)[0]
+    top = rec.recommend([history], k=5, exclude_history=True)[0]
     assert len(top) == 5 and not set(history) & {t for t, _ in top}
     scores = [s for _, s in top]
     assert scores == sorted(scores, reverse=True)
-    ids = rec.encode([history])[:, -rec.spec["max_len"]:]
-    query = np.asarray(rec._encode(rec.params, ids))[0]
-    table = np.asarray(rec.params["item_embedding"])
+    from jaxrec.train.runs import open_run
+    run = open_run(trained_on_8)
+    params = run.host_params()
+    ids = np.zeros((1, run.config.data.max_len), np.int32)
+    ids[0, -3:] = (1, 2, 3)
+    query = np.asarray(run.task.query(params, ids))[0]
+    table = np.asarray(params["item_embedding"])
     brute = table @ query
     brute[[0, 1, 2, 3]] = -np.inf
     assert [rec.items[i] for i in np.argsort(-brute, kind="stable")[:5]] == [t for t, _ in top]
@@ -87,7 +91,7 @@ def test_export_manifest_hashes_metrics_and_guards(trained_on_8, tmp_path, capsy
     manifest = read_manifest(out)
     assert manifest["task"] == "seqrec" and manifest["kind"] == "scoring" and manifest["run"]["best"]
     assert manifest["files"] == {name: file_sha256(out / name)
-                                 for name in ("items.json", "model.json", "model.safetensors")}
+                                 for name in ("items.json", "model.json", "model.safetensors", "scoring.jaxexport")}
     assert manifest["metrics"]["test"]["ndcg@10"] == results(trained_on_8)["tests"]["test"]["ndcg@10"]
     assert "full ranking" in manifest["protocol"]["test"] and set(manifest["inputs"]) == {"data", "data.items"}
 

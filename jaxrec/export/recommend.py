@@ -11,7 +11,11 @@ The one interface `jaxrec recommend` and `jaxrec serve` call, whatever the task:
 `UnknownItems` naming the token and the history's row; callers decide whether to skip it.
 `exclude_history=None` takes the run's `eval.exclude_history` (the one default).
 Which class answers is the task's business: the manifest names the task, the registry
-finds it, and `Task.load_recommender` builds the recommender from the files alone.
+finds it, and `Task.load_recommender` builds the recommender from the files alone
+(scoring exports: `jaxrec.export.scoring`; CoFiRec/TIGER: the generator's export module).
+Checking a request before answering it (unknown tokens by row, empty histories, k against
+the catalogue) and answering in fixed-size batches is `jaxrec.export.histories`, shared by
+every front end.
 """
 from __future__ import annotations
 

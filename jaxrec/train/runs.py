@@ -26,6 +26,7 @@ from jaxrec.weights.fingerprint import params_sha256
 from jaxrec.train.reporting import format_report
 from jaxrec.train.session import Session
 from jaxrec.train.state import TrainState, schedule, unboxed_abstract, with_clipping
+from jaxrec.train.task import ExportOptions
 
 log = logging.getLogger("jaxrec")
 
@@ -183,10 +184,12 @@ def evaluate_run(run_dir: str | Path, step: str = "best", split: str = "test",
     return results
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, step: str = "best", force: bool = False) -> list[str]:
+def export_run(run_dir: str | Path, out_dir: str | Path, step: str = "best", force: bool = False,
+               options: ExportOptions | None = None) -> list[str]:
     """Write a checkpoint's deployable files and `manifest.json` into `out_dir`; returns the paths."""
     run = open_run(run_dir, step)
     out_dir = prepare_out_dir(out_dir, run.run_dir, force)
+    run.task.export_options = options or ExportOptions()
     with run.session.layout.activate():
         paths = [str(p) for p in run.task.export(run.state.params, run.session.frozen, run.state.model_state,
                                                  out_dir)]

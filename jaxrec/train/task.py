@@ -45,6 +45,26 @@ class ExportUnsupported(NotImplementedError):
 
 
 @dataclass(frozen=True)
+class ExportOptions:
+    """What `jaxrec export` asks of a task's export (tasks use what applies to them).
+
+    top_k: how many items a compiled scoring artifact ranks (None: the task's default).
+    platforms: the platforms compiled artifacts are serialized for (`jax.export` names)."""
+    top_k: int | None = None
+    platforms: tuple[str, ...] = ("cpu", "cuda")
+
+    def __post_init__(self):
+        # Checked before the output directory is touched, so a bad option loses no old export.
+        from jaxrec.export.manifest import ExportError
+        if self.top_k is not None and self.top_k < 1:
+            raise ExportError(f"--top-k: must be >= 1, got {self.top_k}")
+        unknown = [p for p in self.platforms if p not in ("cpu", "cuda", "rocm", "tpu")]
+        if unknown or not self.platforms:
+            raise ExportError(f"--platforms: {','.join(unknown) or 'none given'}: expected a comma-separated "
+                              f"subset of cpu, cuda, rocm, tpu")
+
+
+@dataclass(frozen=True)
 class Variables:
     """A task's initial variables, split by how the trainer treats them.
 
@@ -104,6 +124,8 @@ class Task:
     # in `__init__`; its content hash is saved in every checkpoint, so a resume or an
     # evaluation on other data is refused.
     store: Any = None
+    # Set by `jaxrec export` before `export` and `export_manifest` are called.
+    export_options: ExportOptions = ExportOptions()
 
     def __init__(self, config: Config, upstream: Mapping[str, Any] | None = None):
         """`upstream` maps the names of `upstream(config)` to opened runs (`jaxrec.train.runs.OpenedRun`)."""
@@ -182,7 +204,8 @@ class Task:
     def export(self, params, frozen, state, out_dir) -> list[str]:
         """Write deployable artifacts into `out_dir` (empty, created); returns the written
         paths. `jaxrec export` then writes `manifest.json` over them (`jaxrec.export.manifest`).
-        A task without an export raises `ExportUnsupported` naming what to use instead."""
+        `self.export_options` holds the command's options (top-k, platforms). A task without an
+        export raises `ExportUnsupported` naming what to use instead."""
         raise ExportUnsupported(f"task {self.name!r} has no export artifact yet")
 
     @classmethod

@@ -48,3 +48,40 @@ def test_evaluate_prints_the_context_report_per_split(caseq_run, capsys, caplog)
     saved = json.loads(next(caseq_run.glob("evaluate-step*.json")).read_text())
     assert saved["results"]["test_gap"]["context"] == pytest.approx(results(caseq_run)["tests"]["test_gap"]["context"],
                                                                     abs=1e-5)
+
+
+def test_export_recommends_from_the_files_alone_like_the_model(caseq_run, tmp_path):
+    """`jaxrec export` of a CaseQ run: the scoring artifact ranks as the model's test-time
+    query does (a numpy brute force over the catalogue, history excluded)."""
+    import jax
+
+    from jaxrec.export.recommend import load_recommender
+    from jaxrec.train.runs import open_run
+    out = tmp_path / "export"
+    assert main(["export", str(caseq_run), str(out), "--top-k", "10"]) == 0
+    rec = load_recommender(out)
+    assert rec.manifest["task"] == "caseq" and rec.manifest["kind"] == "scoring"
+
+    run = open_run(caseq_run)
+    params, store = run.host_params(), run.task.store
+    examples = run.task.split.tests["test_gap"]
+    users, ends = examples.users[:7], examples.history_end[:7]
+    ids = [store.item_ids[store.user_offsets[u]:end] for u, end in zip(users, ends)]
+    L = run.config.data.max_len
+    inputs = np.zeros((len(ids), L), np.int32)
+    for row, h in enumerate(ids):
+        inputs[row, L - len(h[-L:]):] = h[-L:]
+    query = np.asarray(jax.jit(run.task.query)(params, inputs), np.float64)
+    table = np.asarray(params["item_embedding"], np.float64)
+    brute = query @ table.T
+    brute[:, 0] = -np.inf
+    for row, h in enumerate(ids):
+        brute[row, h] = -np.inf
+    got = rec.recommend([store.item_vocab[h].tolist() for h in ids], k=10, exclude_history=True)
+    # float32 scores of 16-term dot products: error <= ~16 * eps32 * sum|q_i e_i|; 4x margin.
+    tol = 4 * 16 * np.finfo(np.float32).eps * (np.abs(query) @ np.abs(table).T).max()
+    index = {token: i for i, token in enumerate(store.item_vocab.tolist())}
+    for row, top in enumerate(got):
+        want = np.sort(brute[row])[::-1][:10]
+        assert np.allclose([brute[row, index[t]] for t, _ in top], want, atol=tol, rtol=0)
+        assert np.allclose([s for _, s in top], want, atol=tol, rtol=0)

@@ -30,7 +30,7 @@ from jaxrec.methods.caseq.negatives import HistoryExcludingNegatives
 from jaxrec.methods.caseq.objective import context_kl, entropy, mixture_prior, pseudo_sequences
 from jaxrec.methods.seqrec.task import SeqRecConfig, SeqRecTask
 from jaxrec.models.encoder import SequenceEncoder
-from jaxrec.train.task import EvalSet, ExportUnsupported, register
+from jaxrec.train.task import EvalSet, register
 
 log = logging.getLogger("jaxrec")
 
@@ -161,9 +161,9 @@ class CaseQTask(SeqRecTask):
                                          self.config.model.layers))
         return result
 
-    def export(self, params, frozen, state, out_dir):
-        raise ExportUnsupported("task 'caseq' has no export artifact yet; evaluate it from its run directory "
-                                "(jaxrec evaluate RUN)")
+    # Export: the seqrec task's scoring export. `query` (the encoder's last position, gates
+    # applied deterministically) is CaseQ's test-time prediction, the one `eval_step` ranks with,
+    # so the artifact, its loader and `jaxrec recommend` need nothing of their own.
 
 
 def context_summary(split: str, result: dict, n_contexts: int, levels: int) -> str:

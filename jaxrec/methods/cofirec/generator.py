@@ -267,7 +267,7 @@ class GeneratorTask(Task):
 
     def export(self, params, frozen, state, out_dir):
         from jaxrec.methods.cofirec.generator_export import export_generator
-        return export_generator(self, params, out_dir)
+        return export_generator(self, params, out_dir, platforms=self.export_options.platforms)
 
     def export_manifest(self):
         return {"kind": "generative", "levels": list(self.ids.level_names),

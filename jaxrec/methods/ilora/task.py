@@ -25,13 +25,14 @@ from jaxrec.config import Config, ConfigError
 from jaxrec.data.llara import read_llara
 from jaxrec.methods.ilora import evaluation
 from jaxrec.methods.ilora.examples import examples_from_store, fixed_draws
-from jaxrec.methods.ilora.modules import GATES, Projector, apply_gate, build_gate, splice_items
+from jaxrec.methods.ilora.inputs import HybridInputs
+from jaxrec.methods.ilora.modules import GATES, Projector, build_gate
 from jaxrec.methods.ilora.optim import ilora_optimizer
 from jaxrec.methods.ilora.prompts import DOMAINS, PromptEncoder
 from jaxrec.methods.ilora.records import RecordBuilder, TrainSource
 from jaxrec.methods.seqrec.guide import Guide, guide_upstream
-from jaxrec.models.llama import Llama, embed_tokens
-from jaxrec.models.lora import ALL_PROJECTIONS, LoraConfig, merge_trainable, split_trainable
+from jaxrec.models.llama import Llama
+from jaxrec.models.lora import ALL_PROJECTIONS, LoraConfig, split_trainable
 from jaxrec.train.task import EvalSet, Task, Upstream, Variables, register
 from jaxrec.weights.fingerprint import checkpoint_sha256
 
@@ -145,6 +146,8 @@ class ILoRATask(Task):
             self.guide.require_items(self.store.item_vocab, config.source, "model.guide", config.data.source)
         self.projector = Projector(self.llm_config.hidden_size)
         self.gate = build_gate(m.gate, m.experts)
+        self.inputs = HybridInputs(self.llm_config.dtype, self.hybrid, self.moe, self.projector, self.gate,
+                                   None if self.guide is None else self.guide.model)
         self._base_sha256 = ""
         self._eval_cache: dict[str, list[EvalSet]] = {}
         self._baseline_cache: dict[str, dict] = {}
@@ -248,23 +251,9 @@ class ILoRATask(Task):
         """(LLM params, input embeddings [b, T, d], gates [b, E] or None, new gate statistics).
 
         `hybrid` (bool or a traced scalar) selects projected item embeddings or the [PH]
-        vector at the placeholders; `tuned=False` is the frozen LLM without adapters."""
-        llm = merge_trainable(params["adapters"], frozen["llm"]) if tuned else frozen["llm"]
-        tokens = batch["tokens"]
-        embeds = embed_tokens(llm, tokens, jnp.dtype(self.llm_config.dtype))
-        ph = jnp.broadcast_to(frozen["ph"], batch["items"].shape + frozen["ph"].shape)
-        vectors = ph
-        if tuned and self.hybrid:
-            items = jnp.take(frozen["guide"]["item_embedding"], batch["items"], axis=0)
-            projected = self.projector.apply({"params": params["projector"]}, items)
-            vectors = jnp.where(hybrid, projected, ph)
-        embeds = splice_items(embeds, batch["slots"], vectors)
-        gates = None
-        if tuned and self.moe:
-            h = self.guide.model.apply({"params": frozen["guide"]}, batch["history"], deterministic=True,
-                                       last_only=True)
-            gates, stats = apply_gate(self.gate, params["gate"], stats, jax.lax.stop_gradient(h), train)
-        return llm, embeds, gates, stats
+        vector at the placeholders; `tuned=False` is the frozen LLM without adapters
+        (`HybridInputs`, shared with the export's recommender)."""
+        return self.inputs(params, frozen, stats, batch, tuned=tuned, hybrid=hybrid, train=train)
 
     def _micro_loss(self, params, frozen, stats, clock, batch, rng):
         k_hybrid, k_dropout = jax.random.split(rng)
@@ -333,3 +322,19 @@ class ILoRATask(Task):
         modes = self.m.valid_modes if eval_set.name == "valid" else self.m.test_modes
         return evaluation.evaluate(self, eval_set.records, None, frozen, None, layout,
                                    self.config.eval.batch_size, modes, tuned=False)
+
+    # ------------------------------------------------------------------ export
+    def export(self, params, frozen, state, out_dir):
+        """The trained pieces, the guide, prompts and candidate protocol (`export.py`); with one
+        expert also the merged Hugging Face model and the PEFT adapter."""
+        from jaxrec.methods.ilora.export import export_ilora
+        paths, self._export_info = export_ilora(self, params, frozen, state, Path(out_dir))
+        return [str(p) for p in paths]
+
+    def export_manifest(self):
+        return dict(getattr(self, "_export_info", {"kind": "llm_rerank"}))
+
+    @classmethod
+    def load_recommender(cls, export_dir, manifest):
+        from jaxrec.methods.ilora.recommender import ILoRARecommender
+        return ILoRARecommender.load(export_dir, manifest)

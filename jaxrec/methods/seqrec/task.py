@@ -135,8 +135,12 @@ class SeqRecTask(Task):
         return loss, ({"weight": metrics["weight"]}, state)
 
     def eval_step(self, params, frozen, state, batch):
-        query = self.model.apply({"params": params}, batch["inputs"], deterministic=True, last_only=True)
-        return self.rank_metrics(params, query, batch)
+        return self.rank_metrics(params, self.query(params, batch["inputs"]), batch)
+
+    def query(self, params, inputs):
+        """The test-time query [B, H] after each history [B, L] (what evaluation and the
+        exported scoring artifact rank the item table with)."""
+        return self.model.apply({"params": params}, inputs, deterministic=True, last_only=True)
 
     def score_space(self, h, table):
         """(h, table) whose dot products are the model's scores: raw for "dot"; unit vectors
@@ -163,16 +167,22 @@ class SeqRecTask(Task):
         return {"popularity": rows}
 
     def export(self, params, frozen, state, out_dir):
-        from jaxrec.export.seqrec import export_seqrec
-        return export_seqrec(self, params, out_dir)
+        from jaxrec.export.scoring import export_scoring
+        options = self.export_options
+        return export_scoring(self, params, out_dir, top_k=options.top_k, platforms=options.platforms)
 
     def export_manifest(self):
-        return {"kind": "scoring"}
+        from jaxrec.export.scoring import ARTIFACT_FILE, resolved_top_k
+        options = self.export_options
+        # Recommendations rank the whole catalogue, whatever protocol the metrics used.
+        return {"kind": "scoring", "top_k": resolved_top_k(options.top_k, int(self.store.n_items)),
+                "artifact": {"file": ARTIFACT_FILE, "platforms": list(options.platforms), "batch": "symbolic"},
+                "exclude_history": self.config.eval.exclude_history}
 
     @classmethod
     def load_recommender(cls, export_dir, manifest):
-        from jaxrec.export.seqrec import SeqRecRecommender
-        return SeqRecRecommender.load(export_dir)
+        from jaxrec.export.scoring import ScoringRecommender
+        return ScoringRecommender.load(export_dir)
 
 
 def records_history(store, examples):
