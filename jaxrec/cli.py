@@ -1,4 +1,4 @@
-"""`jaxrec train | evaluate | export | recommend | data stats | generate`.
+"""`jaxrec train | evaluate | export | recommend | serve | data stats | generate`.
 
 Expected failures (bad config, malformed data, missing or damaged checkpoints, NaN loss,
 a run directory another training holds, a full disk, a read-only or forbidden path)
@@ -63,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_recommend_parser(sub)
 
+    p = sub.add_parser("serve", help="answer top-k requests over HTTP from an export (needs jaxrec[serve])",
+                       description="POST /recommend, GET /health, GET /manifest; see jaxrec/serve.py.")
+    p.add_argument("export_dir", help="a directory written by `jaxrec export`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (the address is printed)")
+    p.add_argument("--max-batch", type=_positive_int, default=256, metavar="N",
+                   help="most histories in one request; larger ones get 413 (default: 256)")
+
     p = sub.add_parser("data", help="inspect data sets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     s = data_sub.add_parser("stats", help="users / items / interactions / sequence-length percentiles")
@@ -75,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--system", default=None)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 def _add_recommend_parser(sub) -> None:
@@ -258,6 +273,8 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "recommend":
         return _recommend(args)
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "data":
         from jaxrec.data.stats import describe, format_stats
         store = _load_store(args.path, args.format)
@@ -270,6 +287,35 @@ def _dispatch(args) -> int:
                    system=args.system))
         return 0
     raise AssertionError(args.command)
+
+
+def _serve(args) -> int:
+    try:
+        from jaxrec import serve
+    except ImportError as e:
+        if e.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        print(f"jaxrec: error: jaxrec serve needs FastAPI and uvicorn ({e.name} is not installed): "
+              f"pip install 'jaxrec[serve]'", file=sys.stderr)
+        return EXIT_USER_ERROR
+    from jaxrec.export.recommend import load_recommender
+    try:
+        sock = serve.bind(args.host, args.port)      # before the (slower) load: a taken port fails at once
+    except OSError as e:
+        print(f"jaxrec: error: {e.strerror}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    with sock:
+        recommender = load_recommender(args.export_dir)
+        serve.warm_up(recommender)
+        host, port = sock.getsockname()[:2]
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        print(f"serving {args.export_dir} ({recommender.manifest.get('task')}, {len(recommender.items) - 1} items) "
+              f"on http://{address} (max batch {args.max_batch})", flush=True)
+        try:
+            serve.serve(recommender, sock, max_batch=args.max_batch)
+        except KeyboardInterrupt:    # uvicorn re-raises Ctrl-C after its clean shutdown: nothing to resume
+            return 130
+    return 0
 
 
 def _load_store(path: str, fmt: str):
