@@ -35,6 +35,18 @@ class UnknownItems(ExportError):
         super().__init__(f"unknown item token(s): {shown}{more}")
 
 
+def item_indices(index: dict[str, int], histories: Sequence[Sequence[str]], needs: str) -> list[list[int]]:
+    """Each history's item indices; every unknown token raises `UnknownItems` (named with its
+    row), an empty history an ExportError naming its row and why the model `needs` an item."""
+    unknown = [(row, t) for row, history in enumerate(histories) for t in history if t not in index]
+    if unknown:
+        raise UnknownItems(unknown)
+    empty = [row for row, history in enumerate(histories) if not history]
+    if empty:
+        raise ExportError(f"row {empty[0]}: empty history; {needs}")
+    return [[index[t] for t in history] for history in histories]
+
+
 class Recommender(Protocol):
     items: list[str]
     manifest: dict

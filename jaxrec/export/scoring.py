@@ -40,7 +40,7 @@ import jaxrec
 from jaxrec.eval.ranking import top_k
 from jaxrec.eval.scoring import score_space
 from jaxrec.export.manifest import ExportError
-from jaxrec.export.recommend import UnknownItems
+from jaxrec.export.recommend import item_indices
 
 FORMAT = "jaxrec.scoring/1"
 ARTIFACT_FILE = "scoring.jaxexport"
@@ -174,14 +174,8 @@ class ScoringRecommender:
     def encode(self, histories: Sequence[Sequence[str]], exclude_history: bool) -> tuple[np.ndarray, np.ndarray]:
         """(inputs [n, max_len] of the last max_len items, left-padded; exclude [n, m] item
         indices — every history item when excluding, else one 0 column)."""
-        unknown = [(row, t) for row, history in enumerate(histories) for t in history if t not in self.index]
-        if unknown:
-            raise UnknownItems(unknown)
-        empty = [row for row, history in enumerate(histories) if not history]
-        if empty:
-            raise ExportError(f"row {empty[0]}: empty history; a next item needs at least one item before it")
+        ids = item_indices(self.index, histories, "a next item needs at least one item before it")
         L = self.spec["max_len"]
-        ids = [[self.index[t] for t in history] for history in histories]
         inputs = np.zeros((len(ids), L), np.int32)
         # At least max_len wide: histories up to max_len items (the usual case) share one program.
         width = _bucket(max([L] + [len(r) for r in ids])) if exclude_history else 1

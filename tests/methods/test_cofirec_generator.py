@@ -321,7 +321,7 @@ def test_export_answers_like_evaluation_from_the_files_alone(t5_run, tmp_path):
 
     with pytest.raises(Exception, match="k: 33 must be in 1..32"):
         rec.recommend(histories[:1], k=33)
-    with pytest.raises(Exception, match="history 0: empty"):
+    with pytest.raises(Exception, match="row 0: empty history"):
         rec.recommend([[]])
     with pytest.raises(Exception, match="row 0: 'nope'"):
         rec.recommend([["nope"]])

@@ -39,7 +39,7 @@ from safetensors.numpy import load_file, save_file
 from jaxrec.eval.beam_search import constrained_beam_search
 from jaxrec.eval.trie import TrieTables
 from jaxrec.export.manifest import ExportError
-from jaxrec.export.recommend import UnknownItems
+from jaxrec.export.recommend import item_indices
 from jaxrec.methods.cofirec import generator_models as gm
 
 FORMAT = "jaxrec.generator/1"
@@ -181,17 +181,11 @@ class GeneratorRecommender:
 
     def encode(self, histories: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
         """(history code tokens [n, T·K] of the last T items, right-aligned; seen mask [n, n_items + 1])."""
-        unknown = [(row, t) for row, history in enumerate(histories) for t in history if t not in self.index]
-        if unknown:
-            raise UnknownItems(unknown)
-        empty = [row for row, history in enumerate(histories) if not history]
-        if empty:
-            raise ExportError(f"history {empty[0]}: empty; a generator needs at least one item")
+        indices = item_indices(self.index, histories, "a generator needs at least one item")
         T = self.spec["max_history"]
         slots = np.zeros((len(histories), T), np.int64)
         seen = np.zeros((len(histories), self.spec["n_items"] + 1), bool)
-        for row, history in enumerate(histories):
-            ids = [self.index[t] for t in history]
+        for row, ids in enumerate(indices):
             seen[row, ids] = True
             ids = ids[-T:]
             slots[row, T - len(ids):] = ids

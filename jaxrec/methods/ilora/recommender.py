@@ -20,7 +20,7 @@ from flax.traverse_util import unflatten_dict
 
 from jaxrec.eval.scoring import score_space
 from jaxrec.export.manifest import ExportError
-from jaxrec.export.recommend import UnknownItems
+from jaxrec.export.recommend import item_indices
 from jaxrec.methods.ilora.examples import Examples, FixedDraws
 from jaxrec.methods.ilora.export import FORMAT, ITEMS_FILE, SPEC_FILE, TEMPLATE, TITLES_FILE, TRAINED_FILE
 from jaxrec.methods.ilora.inputs import HybridInputs
@@ -110,13 +110,7 @@ class ILoRARecommender:
 
     # ------------------------------------------------------------------ candidates
     def _ids(self, histories: Sequence[Sequence[str]]) -> list[list[int]]:
-        unknown = [(row, t) for row, history in enumerate(histories) for t in history if t not in self.index]
-        if unknown:
-            raise UnknownItems(unknown)
-        empty = [row for row, history in enumerate(histories) if not history]
-        if empty:
-            raise ExportError(f"history {empty[0]}: empty; the prompt needs at least one item")
-        return [[self.index[t] for t in history] for history in histories]
+        return item_indices(self.index, histories, "the prompt needs at least one item")
 
     def _examples(self, ids: list[list[int]]) -> Examples:
         H = self.max_history
