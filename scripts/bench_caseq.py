@@ -469,6 +469,10 @@ def vs_official(args) -> int:
                 except Exception as e:   # one failed cell must not lose the others
                     cells[key] = {"error": f"{type(e).__name__}: {e}"}
                     print(f"   failed: {cells[key]['error']}", flush=True)
+                # Another invocation (e.g. one per side) may have added cells meanwhile: keep them.
+                if out.exists():
+                    cells = {**json.loads(out.read_text()).get("cells", {}), **{key: cells[key]}}
+                    report["cells"] = cells
                 report["date"] = time.strftime("%Y-%m-%d")
                 report["summary"] = vs_summary(cells)
                 write_json(out, report)

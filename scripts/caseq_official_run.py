@@ -1,7 +1,12 @@
 """Run the official CaseQ code (a checkout of chr26195/Caseq, not part of jaxrec) unmodified,
 with three things changed from outside, and write what it measured as one JSON.
 
-    python scripts/caseq_official_run.py OFFICIAL_DIR DATA_FILE OUT_JSON -- <main.py arguments>
+    python scripts/caseq_official_run.py OFFICIAL_DIR DATA_FILE OUT_JSON [--verify-eval] -- <main.py arguments>
+
+--verify-eval also runs the official one-user-at-a-time evaluation from the same RNG state
+on the first 120 users at every evaluation and stops with an error unless both give the
+same metrics and leave `np.random` in the same state (a check of the batched replacement;
+the run's own metrics are then those of the 120 users).
 
 What is changed, without editing the checkout:
 - the data path: its `utils` reads a file under the authors' home directory; the module's
@@ -27,12 +32,17 @@ import runpy
 import sys
 import time
 
+VERIFY_USERS = 120                                        # --verify-eval compares on the first users only
 HARD_CODED_DATA_DIR = "/home/yangchenxiao/caseq_data/"   # the official utils.data_partition reads here
 
 
 def main(argv: list[str]) -> int:
+    verify = "--verify-eval" in argv[:argv.index("--") if "--" in argv else len(argv)]
+    if verify:
+        argv = [a for a in argv if a != "--verify-eval"]
     if "--" not in argv or argv.index("--") != 3:
-        print("usage: caseq_official_run.py OFFICIAL_DIR DATA_FILE OUT_JSON -- <main.py arguments>", file=sys.stderr)
+        print("usage: caseq_official_run.py OFFICIAL_DIR DATA_FILE OUT_JSON [--verify-eval] -- <main.py arguments>",
+              file=sys.stderr)
         return 2
     official_dir, data_file, out_json = (os.path.abspath(a) for a in argv[:3])
     main_args = argv[4:]
@@ -115,6 +125,23 @@ def main(argv: list[str]) -> int:
         return batched_evaluate(model, item_pop, dataset, users, args, lambda v, t: v,
                                 lambda tr, v, u: list(tr[u]), "valid")
 
+    def verified(ours, theirs):
+        def run(model, item_pop, dataset, users, args):
+            users = list(users)[:VERIFY_USERS]   # the check, not the run's metrics: a prefix suffices
+            before = np.random.get_state()
+            expected = theirs(model, item_pop, dataset, users, args)
+            after = np.random.get_state()
+            np.random.set_state(before)
+            got = ours(model, item_pop, dataset, users, args)
+            same_rng = all(np.array_equal(a, b) for a, b in zip(after, np.random.get_state()))
+            if not (np.allclose(got, expected, rtol=0, atol=1e-12) and same_rng):
+                raise SystemExit(f"batched evaluation differs: {got} vs official {expected} (rng same: {same_rng})")
+            print(f"\nverified batched evaluation: {got} == {expected}", flush=True)
+            return got
+        return run
+
+    if verify:
+        evaluate, evaluate_valid = verified(evaluate, utils.evaluate), verified(evaluate_valid, utils.evaluate_valid)
     utils.evaluate, utils.evaluate_valid = evaluate, evaluate_valid
     sys.argv = ["main.py", *main_args]
     started = time.time()
