@@ -375,10 +375,24 @@ def run_vs_cell(side, backbone, method, seed, official_dir: Path, runs_dir: Path
         values = tests.get(split, {})
         cell[split] = {"ndcg@10": values.get("ndcg@10"), "hr@10": values.get("hr@10"),
                        "examples": values.get("examples"), **context_report(values)}
+    cell["valid_ndcg@10_curve"] = valid_curve(side, r, runs_dir / f"jaxrec_{backbone}_{method}_seed{seed}")
     for metric in ("ndcg@10", "hr@10"):
         no_gap, gap = cell["test"][metric], cell["test_gap"][metric]
         cell[f"drop_{metric}"] = None if not no_gap or gap is None else (no_gap - gap) / no_gap
     return cell
+
+
+def valid_curve(side: str, raw: dict, jaxrec_run_dir: Path) -> list:
+    """[[epoch, validation NDCG@10], ...] at every evaluation (how far from converged the
+    budget leaves each run)."""
+    if side == "official":
+        values = [e["ndcg@10"] for e in raw.get("evaluations", []) if e["kind"] == "valid"]
+        every = raw["epochs"] // max(1, len(values)) if values else 1
+        return [[every * (i + 1), round(v, 4)] for i, v in enumerate(values)]
+    from jaxrec.train.reporting import read_metrics
+    if not (jaxrec_run_dir / "metrics.jsonl").exists():
+        return []
+    return [[r["step"], round(r["ndcg@10"], 4)] for r in read_metrics(jaxrec_run_dir) if r["kind"] == "valid"]
 
 
 def vs_summary(cells: dict) -> dict:
@@ -454,6 +468,16 @@ def vs_official(args) -> int:
                   timing=("seconds_per_epoch = wall time of the whole process (start-up, compilation, training "
                           "and evaluations) / epochs, one job at a time, same thread count both sides"))
     cells = report.setdefault("cells", {})
+    if args.rebuild_cells:   # re-read finished cells from their raw outputs (nothing is trained)
+        for key, cell in list(cells.items()):
+            raw = runs_dir / f"{cell.get('side')}_{cell.get('backbone')}_{cell.get('method')}_seed{cell.get('seed')}.json"
+            if "error" not in cell and raw.exists():
+                cells[key] = run_vs_cell(cell["side"], cell["backbone"], cell["method"], cell["seed"], official_dir,
+                                         runs_dir, cell["threads"], args.quick)
+        report["summary"] = vs_summary(cells)
+        write_json(out, report)
+        print(vs_table(report))
+        return 0
     for seed in args.seeds:
         for backbone, method in VS_ORDER:
             if backbone not in args.backbones or method not in args.methods:
@@ -505,6 +529,8 @@ def main(argv=None) -> int:
                              "--seeds default 100 101 102, --out default results/bench_caseq_vs_official.json")
     parser.add_argument("--sides", nargs="+", default=["official", "jaxrec"], choices=["official", "jaxrec"])
     parser.add_argument("--threads", type=int, default=1, help="--vs-official: threads per job, both sides")
+    parser.add_argument("--rebuild-cells", action="store_true",
+                        help="--vs-official: rebuild the JSON's finished cells from their raw outputs, train nothing")
     parser.add_argument("--jaxrec-vs-cell", nargs=4, metavar=("BACKBONE", "METHOD", "SEED", "RAW_OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
