@@ -20,6 +20,12 @@ skips finished cells (and an interrupted run resumes from its own checkpoint).
     python scripts/bench_caseq.py --cost-only --remeasure-cost --cost-losses bce ce   # cost alone
     python scripts/bench_caseq.py --datasets ml-100k --seeds 0 --quick   # smoke run
     python scripts/bench_caseq.py --table                           # print the tables only
+    python scripts/bench_caseq.py --vs-official OFFICIAL_DIR        # jaxrec vs the official code, side by side
+    python scripts/bench_caseq.py --vs-official OFFICIAL_DIR --table
+
+--vs-official runs jaxrec and a checkout of the official code (chr26195/Caseq, kept outside
+the repository) on CaseQ's own ML-100K file with the official protocol, one job at a time with
+the same thread count; see `vs_official` below.
 
 Budgets are CPU-sized and labelled in the JSON (see BUDGETS); --official trains with the
 configs' own (official) budget instead.
@@ -56,6 +62,8 @@ BUDGETS = {
               "overrides": ["data.max_len=50", "data.train_windows=chunks", "train.epochs=10",
                             "train.eval_every=38", "train.log_every=10"]},
 }
+DEFAULT_SEEDS = [0, 1, 2]
+PARSER_DEFAULT_RUNS = str(REPO / "runs" / "bench_caseq")
 QUICK = ["train.steps=4", "train.eval_every=2", "train.log_every=1"]
 METHODS = {"backbone": ["model.contexts=1", "model.kl_weight=0"], "caseq": [],
            "caseq-kl0": ["model.kl_weight=0"]}   # ablation: the branches without the backdoor objective
@@ -264,6 +272,238 @@ def tables(cells: dict, cost: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- vs the official code
+
+VS_OFFICIAL_OUT = REPO / "results" / "bench_caseq_vs_official.json"
+VS_OFFICIAL_DATA = "../shared/data/ml-100k/ml-100k.txt"     # CaseQ's own file, byte for byte
+VS_EPOCHS, VS_EVAL_EVERY = 101, 10                           # 1 step of 512 users per epoch on ML-100K
+# The official protocol on jaxrec's side: target + 100 negatives avoiding the history, model
+# selection by validation NDCG@10 under that protocol, every 10 epochs.
+VS_JAXREC_OVERRIDES = ["train.log_every=10", "eval.candidates=sampled:100", "eval.exclude_history=true", "eval.metric=ndcg@10",
+                       "eval.ks=[10]", "model.eval_gaps=[]", "train.progress=false"]
+OFFICIAL_BACKBONES = {"sasrec": "att", "gru4rec": "gru"}
+OFFICIAL_METHODS = {"backbone": ["--num_context", "1", "--kl", "0"], "caseq": []}
+# One order that answers the open question first: GRU4Rec (CaseQ, then plain), then SASRec.
+VS_ORDER = [("gru4rec", "caseq"), ("gru4rec", "backbone"), ("sasrec", "caseq"), ("sasrec", "backbone")]
+VS_REPORTED = ("ndcg@10", "hr@10", "examples", "context", "context_entropy", "context_mix_entropy")
+
+
+def thread_env(threads: int) -> dict:
+    """The same thread budget for both sides: torch/OpenMP and XLA:CPU's intra-op pool."""
+    import os
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}")
+    return env
+
+
+def vs_cell_key(side, backbone, method, seed) -> str:
+    return f"{side}/{backbone}/{method}/seed{seed}"
+
+
+def context_report(values: dict) -> dict:
+    """Gate entropies at the prediction position and their difference, the sequence-path
+    mutual information I(S; C) = H(mean q) - mean H(q) (0: every sequence gets the same mix)."""
+    if "context_entropy" not in values:
+        return {}
+    return {"context_entropy": values["context_entropy"], "context_mix_entropy": values["context_mix_entropy"],
+            "mutual_information": max(0.0, values["context_mix_entropy"] - values["context_entropy"]),
+            "context": values.get("context")}
+
+
+def vs_budget(quick: bool) -> tuple[int, int]:
+    """(epochs, evaluate every): the official budget, or a 2-epoch smoke run."""
+    return (2, 1) if quick else (VS_EPOCHS, VS_EVAL_EVERY)
+
+
+def jaxrec_vs_cell(backbone: str, method: str, seed: int, raw_out: Path, runs_dir: Path, quick: bool) -> None:
+    """Train one jaxrec cell under the official protocol (runs in its own process) and write
+    the raw result: test metrics at the best validation epoch, their context report, times."""
+    from jaxrec.config import load_config
+    from jaxrec.train.trainer import train
+
+    config_path = REPO / "configs" / "caseq" / f"ml100k_{backbone}.yaml"
+    run_dir = runs_dir / f"jaxrec_{backbone}_{method}_seed{seed}"
+    epochs, eval_every = vs_budget(quick)
+    overrides = [f"train.epochs={epochs}", f"train.eval_every={eval_every}", *VS_JAXREC_OVERRIDES, *METHODS[method],
+                 f"run.seed={seed}", f"run.dir={run_dir}",
+                 "checkpoint.resume=false"]
+    config = load_config(config_path, overrides)
+    started = time.time()
+    result = train(config)
+    seconds = time.time() - started
+    tests = {split: {k: v for k, v in values.items() if k in VS_REPORTED}
+             for split, values in {**result.tests, "valid": result.valid}.items()}
+    raw_out.write_text(json.dumps({
+        "seconds": seconds, "train_seconds": result.train_seconds, "epochs": epochs,
+        "best_epoch": result.best_step, "tests": tests, "overrides": overrides,
+        "protocol": result.protocols.get("test", "")}, indent=1, default=float))
+
+
+def run_vs_cell(side, backbone, method, seed, official_dir: Path, runs_dir: Path, threads: int,
+                quick: bool = False) -> dict:
+    """One cell in a fresh process (so thread settings and memory start clean); the raw output
+    is kept in runs_dir and reused if the cell is asked for again."""
+    import subprocess
+    raw = runs_dir / f"{side}_{backbone}_{method}_seed{seed}.json"
+    log_path = raw.with_suffix(".log")
+    epochs, eval_every = vs_budget(quick)
+    if not raw.exists():
+        if side == "official":
+            data = (REPO / VS_OFFICIAL_DATA).resolve()
+            cmd = [sys.executable, str(REPO / "scripts" / "caseq_official_run.py"), str(official_dir), str(data),
+                   str(raw), "--", "--dataset=ml-100k", f"--backbone={OFFICIAL_BACKBONES[backbone]}",
+                   f"--seed={seed}", f"--num_epochs={epochs}", f"--eval_every={eval_every}",
+                   f"--train_dir=jaxrec_vs_{backbone}_{method}_seed{seed}", *OFFICIAL_METHODS[method]]
+        else:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--jaxrec-vs-cell", backbone, method, str(seed),
+                   str(raw), "--runs-dir", str(runs_dir), *(["--quick"] if quick else [])]
+        with open(log_path, "w") as log_file:
+            done = subprocess.run(cmd, env=thread_env(threads), stdout=log_file, stderr=subprocess.STDOUT,
+                                  cwd=REPO)
+        if done.returncode != 0 or not raw.exists():
+            tail = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"{side} cell exited with {done.returncode}: {tail[0]} (log: {log_path})")
+    r = json.loads(raw.read_text())
+    tests = r["tests"]
+    cell = {"side": side, "backbone": backbone, "method": method, "seed": seed, "threads": threads,
+            "best_epoch": r["best_epoch"], "seconds": round(r["seconds"], 1),
+            "seconds_per_epoch": r["seconds"] / r["epochs"], "epochs": r["epochs"]}
+    if "train_seconds" in r:
+        cell["train_seconds_per_epoch"] = r["train_seconds"] / r["epochs"]
+    for split in ("test", "test_gap", "valid"):
+        values = tests.get(split, {})
+        cell[split] = {"ndcg@10": values.get("ndcg@10"), "hr@10": values.get("hr@10"),
+                       "examples": values.get("examples"), **context_report(values)}
+    cell["valid_ndcg@10_curve"] = valid_curve(side, r, runs_dir / f"jaxrec_{backbone}_{method}_seed{seed}")
+    for metric in ("ndcg@10", "hr@10"):
+        no_gap, gap = cell["test"][metric], cell["test_gap"][metric]
+        cell[f"drop_{metric}"] = None if not no_gap or gap is None else (no_gap - gap) / no_gap
+    return cell
+
+
+def valid_curve(side: str, raw: dict, jaxrec_run_dir: Path) -> list:
+    """[[epoch, validation NDCG@10], ...] at every evaluation (how far from converged the
+    budget leaves each run)."""
+    if side == "official":
+        values = [e["ndcg@10"] for e in raw.get("evaluations", []) if e["kind"] == "valid"]
+        every = raw["epochs"] // max(1, len(values)) if values else 1
+        return [[every * (i + 1), round(v, 4)] for i, v in enumerate(values)]
+    from jaxrec.train.reporting import read_metrics
+    if not (jaxrec_run_dir / "metrics.jsonl").exists():
+        return []
+    return [[r["step"], round(r["ndcg@10"], 4)] for r in read_metrics(jaxrec_run_dir) if r["kind"] == "valid"]
+
+
+def vs_summary(cells: dict) -> dict:
+    """Mean ± std over seeds per (side, backbone, method), and jaxrec/official time ratios."""
+    groups: dict = {}
+    for cell in cells.values():
+        if "error" in cell:
+            continue
+        g = groups.setdefault((cell["side"], cell["backbone"], cell["method"]), {})
+        for name, value in (("ndcg@10", cell["test"]["ndcg@10"]), ("hr@10", cell["test"]["hr@10"]),
+                            ("gap_ndcg@10", cell["test_gap"]["ndcg@10"]), ("gap_hr@10", cell["test_gap"]["hr@10"]),
+                            ("drop_ndcg@10", cell["drop_ndcg@10"]), ("drop_hr@10", cell["drop_hr@10"]),
+                            ("seconds_per_epoch", cell["seconds_per_epoch"]),
+                            ("mutual_information", cell["test"].get("mutual_information")),
+                            ("context_entropy", cell["test"].get("context_entropy")),
+                            ("context_mix_entropy", cell["test"].get("context_mix_entropy"))):
+            g.setdefault(name, []).append(value)
+    out = {}
+    for (side, backbone, method), g in groups.items():
+        out[f"{side}/{backbone}/{method}"] = {
+            name: dict(zip(("mean", "std", "n"), (*_mean_std(v), len([x for x in v if x is not None]))))
+            for name, v in g.items()}
+    for backbone, method in VS_ORDER:
+        j, o = out.get(f"jaxrec/{backbone}/{method}"), out.get(f"official/{backbone}/{method}")
+        if j and o and o["seconds_per_epoch"]["mean"]:
+            out[f"ratio/{backbone}/{method}"] = {
+                "jaxrec_over_official_seconds_per_epoch": j["seconds_per_epoch"]["mean"] / o["seconds_per_epoch"]["mean"]}
+    return out
+
+
+def vs_table(report: dict) -> str:
+    summary = report.get("summary", {})
+    lines = ["| backbone | method | side | seeds | NDCG@10 no gap | NDCG@10 gap | drop | HR@10 no gap | HR@10 gap "
+             "| drop | s/epoch | I(S;C) nats |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for backbone, method in VS_ORDER:
+        for side in ("official", "jaxrec"):
+            g = summary.get(f"{side}/{backbone}/{method}")
+            if not g:
+                lines.append(f"| {backbone} | {method} | {side} | 0 | not run | | | | | | | |")
+                continue
+
+            def f(name, pct=False, digits=4):
+                return _fmt(g[name]["mean"], g[name]["std"], digits, pct)
+            mi = g["mutual_information"]["mean"]
+            lines.append(f"| {backbone} | {method} | {side} | {g['ndcg@10']['n']} | {f('ndcg@10')} | "
+                         f"{f('gap_ndcg@10')} | {f('drop_ndcg@10', True)} | {f('hr@10')} | {f('gap_hr@10')} | "
+                         f"{f('drop_hr@10', True)} | {g['seconds_per_epoch']['mean']:.2f} | "
+                         f"{'-' if mi is None else f'{mi:.4f}'} |")
+    return "\n".join(lines)
+
+
+def vs_official(args) -> int:
+    from jaxrec.bench import machine_info, write_json
+    out = Path(args.out or (REPO / "results" / "local" / "bench_caseq_vs_official_quick.json" if args.quick
+                            else VS_OFFICIAL_OUT))
+    report = json.loads(out.read_text()) if out.exists() else {"cells": {}}
+    if args.table:
+        print(vs_table(report))
+        return 0
+    official_dir = Path(args.vs_official).resolve()
+    if not (official_dir / "main.py").exists() or not (official_dir / "model.py").exists():
+        print(f"error: --vs-official {official_dir}: not a checkout of the official CaseQ code (no main.py/model.py)",
+              file=sys.stderr)
+        return 2
+    runs_dir = Path(args.runs_dir if args.runs_dir != PARSER_DEFAULT_RUNS
+                    else REPO / "runs" / ("bench_caseq_vs_official" + ("_quick" if args.quick else "")))
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    report.update(machine=machine_info(), data="CaseQ's ml-100k.txt (" + VS_OFFICIAL_DATA + ")",
+                  budget="quick smoke run (2 epochs)" if args.quick else "official",
+                  protocol=(f"{VS_EPOCHS} epochs of 1 step x 512 users, gap 30 events, test = target + 100 "
+                            "negatives avoiding the history, best epoch by validation NDCG@10 (evaluated every "
+                            f"{VS_EVAL_EVERY} epochs); context report on the no-gap test at that epoch"),
+                  timing=("seconds_per_epoch = wall time of the whole process (start-up, compilation, training "
+                          "and evaluations) / epochs, one job at a time, same thread count both sides"))
+    cells = report.setdefault("cells", {})
+    if args.rebuild_cells:   # re-read finished cells from their raw outputs (nothing is trained)
+        for key, cell in list(cells.items()):
+            raw = runs_dir / f"{cell.get('side')}_{cell.get('backbone')}_{cell.get('method')}_seed{cell.get('seed')}.json"
+            if "error" not in cell and raw.exists():
+                cells[key] = run_vs_cell(cell["side"], cell["backbone"], cell["method"], cell["seed"], official_dir,
+                                         runs_dir, cell["threads"], args.quick)
+        report["summary"] = vs_summary(cells)
+        write_json(out, report)
+        print(vs_table(report))
+        return 0
+    for seed in args.seeds:
+        for backbone, method in VS_ORDER:
+            if backbone not in args.backbones or method not in args.methods:
+                continue
+            for side in args.sides:
+                key = vs_cell_key(side, backbone, method, seed)
+                if key in cells and "error" not in cells[key]:
+                    continue
+                print(f"== {key}", flush=True)
+                try:
+                    cells[key] = run_vs_cell(side, backbone, method, seed, official_dir, runs_dir, args.threads,
+                                             args.quick)
+                except Exception as e:   # one failed cell must not lose the others
+                    cells[key] = {"error": f"{type(e).__name__}: {e}"}
+                    print(f"   failed: {cells[key]['error']}", flush=True)
+                # Another invocation (e.g. one per side) may have added cells meanwhile: keep them.
+                if out.exists():
+                    cells = {**json.loads(out.read_text()).get("cells", {}), **{key: cells[key]}}
+                    report["cells"] = cells
+                report["date"] = time.strftime("%Y-%m-%d")
+                report["summary"] = vs_summary(cells)
+                write_json(out, report)
+    print(vs_table(report))
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -271,10 +511,10 @@ def main(argv=None) -> int:
     parser.add_argument("--datasets", nargs="+", default=["ml-100k", "ml-1m"], choices=DATASETS)
     parser.add_argument("--backbones", nargs="+", default=["sasrec", "gru4rec"], choices=["sasrec", "gru4rec"])
     parser.add_argument("--methods", nargs="+", default=["backbone", "caseq"], choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS)
     parser.add_argument("--out", default=None,
                         help="default results/bench_caseq.json (--quick: results/local/bench_caseq_quick.json)")
-    parser.add_argument("--runs-dir", default=str(REPO / "runs" / "bench_caseq"))
+    parser.add_argument("--runs-dir", default=PARSER_DEFAULT_RUNS)
     parser.add_argument("--quick", action="store_true", help="4 training steps per cell (a smoke run)")
     parser.add_argument("--official", action="store_true", help="the configs' own (official) budget")
     parser.add_argument("--table", action="store_true", help="only print the tables of --out")
@@ -284,8 +524,25 @@ def main(argv=None) -> int:
                         help="losses to measure the cost under (bce: the official recipe; ce: full softmax)")
     parser.add_argument("--cost-only", action="store_true", help="measure (or re-measure) the cost and train no cell")
     parser.add_argument("--remeasure-cost", action="store_true", help="replace cost entries already in --out")
+    parser.add_argument("--vs-official", metavar="OFFICIAL_DIR", default=None,
+                        help="side by side with a checkout of the official code (ML-100K, official protocol); "
+                             "--seeds default 100 101 102, --out default results/bench_caseq_vs_official.json")
+    parser.add_argument("--sides", nargs="+", default=["official", "jaxrec"], choices=["official", "jaxrec"])
+    parser.add_argument("--threads", type=int, default=1, help="--vs-official: threads per job, both sides")
+    parser.add_argument("--rebuild-cells", action="store_true",
+                        help="--vs-official: rebuild the JSON's finished cells from their raw outputs, train nothing")
+    parser.add_argument("--jaxrec-vs-cell", nargs=4, metavar=("BACKBONE", "METHOD", "SEED", "RAW_OUT"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.jaxrec_vs_cell:
+        backbone, method, seed, raw_out = args.jaxrec_vs_cell
+        jaxrec_vs_cell(backbone, method, int(seed), Path(raw_out), Path(args.runs_dir), args.quick)
+        return 0
+    if args.vs_official:
+        if args.seeds == DEFAULT_SEEDS:
+            args.seeds = [100, 101, 102]
+        return vs_official(args)
     from jaxrec.bench import machine_info, write_json
 
     out = Path(args.out or REPO / "results" / ("local/bench_caseq_quick.json" if args.quick else "bench_caseq.json"))

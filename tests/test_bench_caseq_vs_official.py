@@ -1,0 +1,55 @@
+"""scripts/bench_caseq.py --vs-official: the summary arithmetic and the refusal of a directory
+that is not the official checkout (nothing is trained here)."""
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_caseq", REPO / "scripts" / "bench_caseq.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_caseq"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cell(side, seed, no_gap, gap, seconds):
+    split = {"ndcg@10": no_gap, "hr@10": 2 * no_gap, "context_entropy": 2.0, "context_mix_entropy": 2.5}
+    return {"side": side, "backbone": "gru4rec", "method": "caseq", "seed": seed, "seconds_per_epoch": seconds,
+            "test": {**split, "mutual_information": 0.5}, "test_gap": {"ndcg@10": gap, "hr@10": 2 * gap},
+            "drop_ndcg@10": (no_gap - gap) / no_gap, "drop_hr@10": (no_gap - gap) / no_gap}
+
+
+def test_summary_is_mean_and_sample_std_over_seeds_and_the_time_ratio(bench):
+    cells = {"a": _cell("jaxrec", 100, 0.40, 0.30, 2.0), "b": _cell("jaxrec", 101, 0.36, 0.30, 4.0),
+             "c": _cell("official", 100, 0.38, 0.29, 6.0), "d": {"error": "RuntimeError: lost"}}
+    summary = bench.vs_summary(cells)
+    jaxrec = summary["jaxrec/gru4rec/caseq"]
+    assert jaxrec["ndcg@10"]["mean"] == pytest.approx(0.38)
+    assert jaxrec["ndcg@10"]["std"] == pytest.approx(statistics.stdev([0.40, 0.36]))
+    assert jaxrec["drop_ndcg@10"]["mean"] == pytest.approx(((0.40 - 0.30) / 0.40 + (0.36 - 0.30) / 0.36) / 2)
+    assert jaxrec["ndcg@10"]["n"] == 2 and summary["official/gru4rec/caseq"]["ndcg@10"]["n"] == 1
+    assert summary["ratio/gru4rec/caseq"]["jaxrec_over_official_seconds_per_epoch"] == pytest.approx(3.0 / 6.0)
+    table = bench.vs_table({"summary": summary})
+    assert "| gru4rec | caseq | jaxrec | 2 | 0.3800 ± 0.0283 |" in table
+    assert "| sasrec | backbone | official | 0 | not run |" in table
+
+
+def test_a_directory_without_the_official_code_is_one_error_line(bench, tmp_path, capsys):
+    rc = bench.main(["--vs-official", str(tmp_path), "--out", str(tmp_path / "out.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(tmp_path) in err[0] and "main.py" in err[0]
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_the_official_runner_refuses_a_malformed_command_line():
+    import subprocess
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "caseq_official_run.py"), "only-one-arg"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().startswith("usage:")
