@@ -33,7 +33,6 @@ import sys
 import time
 
 VERIFY_USERS = 120                                        # --verify-eval compares on the first users only
-HARD_CODED_DATA_DIR = "/home/yangchenxiao/caseq_data/"   # the official utils.data_partition reads here
 
 
 def main(argv: list[str]) -> int:
@@ -55,10 +54,11 @@ def main(argv: list[str]) -> int:
     import utils
 
     def open_data(path, mode="r", *args, **kwargs):
-        # Only the hard-coded read of the data set is redirected, and only for reading; every
-        # other open (main.py's `from utils import *` picks this one up too, for its log
+        # Only a read of a data set that is not here (the official utils.data_partition reads
+        # `<dataset>.txt` from a directory hard-coded to the authors' machine) is redirected;
+        # every other open (main.py's `from utils import *` picks this one up too, for its log
         # files) passes through untouched, so nothing can ever be written to DATA_FILE.
-        if str(path).startswith(HARD_CODED_DATA_DIR) and mode == "r":
+        if mode == "r" and str(path).endswith(".txt") and not os.path.exists(path):
             return builtins.open(data_file, "r")
         return builtins.open(path, mode, *args, **kwargs)
 
