@@ -9,9 +9,9 @@ run down). Rows:
 
 - load: `jaxrec.weights.load_pretrained` vs `AutoModelForCausalLM.from_pretrained(gguf_file=...)`,
   both dequantising the GGUF to float32.
-- first token, cold / warm: `jaxrec generate MODEL PROMPT --max-new-tokens 1` with an empty
-  compilation cache, then again with the cache the cold run filled; transformers' `generate`
-  with one new token (it has no compilation step, so one row).
+- first token, cold / warm: `jaxrec generate MODEL PROMPT --max-new-tokens 1` with empty
+  compilation and tokenizer caches, then again with the caches the cold run filled;
+  transformers' `generate` with one new token (it has no compilation step, so one row).
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
     cold, warm = [], []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as cache:
-            env = {"JAXREC_COMPILE_CACHE": cache}
+            env = {"JAXREC_COMPILE_CACHE": f"{cache}/xla", "JAXREC_TOKENIZER_CACHE": f"{cache}/tokenizers"}
             cold.append(wall(generate, env))
             warm.append(wall(generate, env))
     results["jaxrec"]["first_token_cold_s"], results["jaxrec"]["first_token_warm_s"] = min(cold), min(warm)
