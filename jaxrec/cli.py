@@ -205,13 +205,8 @@ def main(argv: list[str] | None = None) -> int:
 def compile_cache_dir() -> Path | None:
     """Where compiled XLA programs persist between runs: $JAXREC_COMPILE_CACHE (a directory,
     or "off"), else $XDG_CACHE_HOME/jaxrec/xla, else ~/.cache/jaxrec/xla."""
-    env = os.environ.get("JAXREC_COMPILE_CACHE", "")
-    if env.lower() in ("off", "0", "false", "no"):
-        return None
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "jaxrec" / "xla"
+    from jaxrec.config.cache_dirs import user_cache_dir
+    return user_cache_dir("JAXREC_COMPILE_CACHE", "xla")
 
 
 def enable_compile_cache(directory: Path | None) -> None:

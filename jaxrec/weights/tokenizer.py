@@ -15,6 +15,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from jaxrec.config.cache_dirs import user_cache_dir
 from jaxrec.weights.errors import CheckpointNotFoundError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -26,13 +27,7 @@ log = logging.getLogger(__name__)
 def tokenizer_cache_dir() -> Path | None:
     """Where tokenizers built from GGUF metadata are kept: $JAXREC_TOKENIZER_CACHE (a directory,
     or "off"), else $XDG_CACHE_HOME/jaxrec/tokenizers, else ~/.cache/jaxrec/tokenizers."""
-    env = os.environ.get("JAXREC_TOKENIZER_CACHE", "")
-    if env.lower() in ("off", "0", "false", "no"):
-        return None
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "jaxrec" / "tokenizers"
+    return user_cache_dir("JAXREC_TOKENIZER_CACHE", "tokenizers")
 
 
 def _gguf_tokenizer(path: Path):
