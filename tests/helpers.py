@@ -50,3 +50,32 @@ def run_cli(args: list[str], devices: int = 1, timeout: int = 300, env: dict | N
 
 def results(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+# Source of a safetensors reader for child processes that may import only numpy: the format is
+# an 8-byte little-endian header length, a JSON header, then raw little-endian data.
+PLAIN_SAFETENSORS_READER = r'''
+import json, struct
+import numpy as np
+
+def read_safetensors(path):
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    dtypes = {"F32": np.float32, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
+    return {k: np.frombuffer(raw[8 + n + v["data_offsets"][0]: 8 + n + v["data_offsets"][1]],
+                             dtypes[v["dtype"]]).reshape(v["shape"]) for k, v in header.items()}
+'''
+
+
+def torch_logits(model, ids, mask):
+    """A transformers causal LM's float32 logits with positions counted over real tokens only
+    (left padding invisible), as jaxrec's Llama places them."""
+    import numpy as np
+    import torch
+    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                    position_ids=torch.as_tensor(positions))
+    return out.logits.float().numpy()

@@ -19,7 +19,7 @@ from jaxrec.cli import main
 from jaxrec.config import build_config
 from jaxrec.data.synthetic import SyntheticConfig, make_synthetic
 from jaxrec.export.recommend import load_recommender
-from tests.helpers import write_config
+from tests.helpers import PLAIN_SAFETENSORS_READER, write_config
 
 MAX_LEN, TOP_K, EPS32 = 20, 30, np.finfo(np.float32).eps
 
@@ -144,18 +144,9 @@ def test_artifact_answers_like_the_model_at_batch_sizes_1_7_256(exported):
         assert_top_k(items, scores, exported["brute"][:b], exported["tol"])
 
 
-_PLAIN_JAX = r'''
-import json, struct, sys
-import numpy as np
+_PLAIN_JAX = PLAIN_SAFETENSORS_READER + r'''
+import sys
 from jax import export
-
-def read_safetensors(path):
-    raw = open(path, "rb").read()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    header.pop("__metadata__", None)
-    return {k: np.frombuffer(raw[8 + n + v["data_offsets"][0]: 8 + n + v["data_offsets"][1]],
-                             {"F32": np.float32}[v["dtype"]]).reshape(v["shape"]) for k, v in header.items()}
 
 out, arrays = sys.argv[1], np.load(sys.argv[2])
 spec = json.load(open(out + "/model.json"))

@@ -28,7 +28,7 @@ from jaxrec.train import pipeline
 from jaxrec.train.evaluation import Evaluator
 from jaxrec.train.session import Session, make_train_step
 from jaxrec.train.task import Clock
-from tests.helpers import results
+from tests.helpers import PLAIN_SAFETENSORS_READER, results
 
 TINY_MODEL = {"d_model": 16, "d_kv": 8, "d_ff": 32, "heads": 2, "layers": 1, "decoder_layers": 1, "dropout": 0.0,
               "max_history": 6, "beam": 32, "exact_users": 24}
@@ -244,21 +244,10 @@ def test_decoder_loss_and_beam_search_on_8_devices_match_one_device(codes_file):
     _mesh_parity(codes_file, "decoder")
 
 
-# A program with only jax and numpy: read safetensors by its format (8-byte header length,
-# JSON header, raw little-endian data), deserialize the search and call it.
-_PLAIN_JAX = r'''
-import json, struct, sys
-import numpy as np
+# A program with only jax and numpy: read safetensors by its format, deserialize the search and call it.
+_PLAIN_JAX = PLAIN_SAFETENSORS_READER + r'''
+import sys
 from jax import export
-
-def read_safetensors(path):
-    raw = open(path, "rb").read()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    header.pop("__metadata__", None)
-    dtypes = {"F32": np.float32, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
-    return {k: np.frombuffer(raw[8 + n + v["data_offsets"][0]: 8 + n + v["data_offsets"][1]],
-                             dtypes[v["dtype"]]).reshape(v["shape"]) for k, v in header.items()}
 
 out, tokens_file = sys.argv[1], sys.argv[2]
 spec = json.load(open(out + "/model.json"))

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from jaxrec.cli import main
+from tests.helpers import torch_logits
 from tests.methods.ilora_fixtures import ilora_raw_config, make_llara_dir, make_tiny_llm, save_untrained_guide
 
 torch = pytest.importorskip("torch")
@@ -76,14 +77,6 @@ def _jaxrec_logits(run_dir, ids, mask):
     llm = merge_trainable(opened.state.params["adapters"], opened.session.frozen["llm"])
     out = task.model.apply({"params": jax.device_get(llm)}, jnp.asarray(ids), jnp.asarray(mask))
     return np.asarray(out.logits)
-
-
-def _torch_logits(model, ids, mask):
-    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
-    with torch.no_grad():
-        out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                    position_ids=torch.as_tensor(positions))
-    return out.logits.float().numpy()
 
 
 def _close_on_logit_scale(got, want, mask):
@@ -168,12 +161,12 @@ def test_lora_export_loads_in_transformers_and_peft_and_recommends_alone(inputs)
             "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(manifest["files"])
 
     merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
-    _close_on_logit_scale(_torch_logits(merged, ids, mask), want, mask)
+    _close_on_logit_scale(torch_logits(merged, ids, mask), want, mask)
     base = transformers.AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32).eval()
-    base_logits = _torch_logits(base, ids, mask)
+    base_logits = torch_logits(base, ids, mask)
     assert np.abs(base_logits - want).max() > 1e-2 * np.abs(want).max()   # the adapter matters
     adapted = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
-    _close_on_logit_scale(_torch_logits(adapted, ids, mask), want, mask)
+    _close_on_logit_scale(torch_logits(adapted, ids, mask), want, mask)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out / "merged")
     assert tokenizer("Red Wolf, Blue Moon")["input_ids"] == \
         transformers.AutoTokenizer.from_pretrained(llm)("Red Wolf, Blue Moon")["input_ids"]

@@ -14,6 +14,7 @@ from jaxrec.models.llama import Llama
 from jaxrec.models.lora import ALL_PROJECTIONS, LoraConfig, merge_lora
 from jaxrec.weights import UnsupportedModelError, load_pretrained
 from jaxrec.weights.hf_writer import hf_config_dict, save_hf_checkpoint, save_peft_adapter
+from tests.helpers import torch_logits
 from tests.models import llm_fixtures as fx
 
 torch = pytest.importorskip("torch")
@@ -47,14 +48,6 @@ def test_written_tensors_are_the_read_ones_exactly(base, tmp_path):
     assert again.rope_parameters["rope_type"] == "yarn"
 
 
-def _logits(model, ids, mask):
-    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
-    with torch.no_grad():
-        out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                    position_ids=torch.as_tensor(positions))
-    return out.logits.float().numpy()
-
-
 def test_merged_model_and_peft_adapter_give_jaxrec_lora_logits(any_base, tmp_path):
     base = any_base
     lora = LoraConfig(rank=4, alpha=8.0, targets=ALL_PROJECTIONS)
@@ -72,16 +65,16 @@ def test_merged_model_and_peft_adapter_give_jaxrec_lora_logits(any_base, tmp_pat
 
     save_hf_checkpoint(tmp_path / "merged", config.with_lora(None), jax.device_get(merge_lora(params, lora)))
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert np.abs(_logits(merged, ids, mask) - want)[real].max() <= 1e-4 * scale
+    assert np.abs(torch_logits(merged, ids, mask) - want)[real].max() <= 1e-4 * scale
 
     save_peft_adapter(tmp_path / "adapter", config, jax.device_get(params), str(base))
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["target_modules"] == ALL_PROJECTIONS.split("|") and adapter_config["r"] == 4
     hf_base = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    untuned = _logits(hf_base, ids, mask)
+    untuned = torch_logits(hf_base, ids, mask)
     assert np.abs(untuned - want)[real].max() > 1e-2 * scale               # the adapter matters
     adapted = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
-    assert np.abs(_logits(adapted, ids, mask) - want)[real].max() <= 1e-4 * scale
+    assert np.abs(torch_logits(adapted, ids, mask) - want)[real].max() <= 1e-4 * scale
 
 
 def test_rope_forms_without_a_config_json_are_refused(base):
