@@ -21,6 +21,7 @@ skips finished cells (and an interrupted run resumes from its own checkpoint).
     python scripts/bench_caseq.py --datasets ml-100k --seeds 0 --quick   # smoke run
     python scripts/bench_caseq.py --table                           # print the tables only
     python scripts/bench_caseq.py --vs-official OFFICIAL_DIR        # jaxrec vs the official code, side by side
+    python scripts/bench_caseq.py --vs-official OFFICIAL_DIR --speed    # seconds per epoch, both sides
     python scripts/bench_caseq.py --vs-official OFFICIAL_DIR --table
 
 --vs-official runs jaxrec and a checkout of the official code (chr26195/Caseq, kept outside
@@ -311,20 +312,30 @@ def context_report(values: dict) -> dict:
             "context": values.get("context")}
 
 
-def vs_budget(quick: bool) -> tuple[int, int]:
-    """(epochs, evaluate every): the official budget, or a 2-epoch smoke run."""
-    return (2, 1) if quick else (VS_EPOCHS, VS_EVAL_EVERY)
+VS_BUDGETS = {"official": (VS_EPOCHS, VS_EVAL_EVERY), "quick": (2, 1), "speed": (20, 10)}
 
 
-def jaxrec_vs_cell(backbone: str, method: str, seed: int, raw_out: Path, runs_dir: Path, quick: bool) -> None:
+def vs_budget(mode: str) -> tuple[int, int]:
+    """(epochs, evaluate every) of a --vs-official budget: the official one, a 2-epoch smoke
+    run, or the speed measurement's 20 epochs (two evaluation rounds to time between)."""
+    return VS_BUDGETS[mode]
+
+
+def vs_run_name(side: str, backbone: str, method: str, seed: int, mode: str) -> str:
+    return f"{side}_{backbone}_{method}_seed{seed}" + ("" if mode == "official" else f"_{mode}")
+
+
+def jaxrec_vs_cell(backbone: str, method: str, seed: int, raw_out: Path, runs_dir: Path, mode: str) -> None:
     """Train one jaxrec cell under the official protocol (runs in its own process) and write
     the raw result: test metrics at the best validation epoch, their context report, times."""
     from jaxrec.config import load_config
     from jaxrec.train.trainer import train
 
     config_path = REPO / "configs" / "caseq" / f"ml100k_{backbone}.yaml"
-    run_dir = runs_dir / f"jaxrec_{backbone}_{method}_seed{seed}"
-    epochs, eval_every = vs_budget(quick)
+    from jaxrec.train.reporting import read_metrics
+
+    run_dir = runs_dir / vs_run_name("jaxrec", backbone, method, seed, mode)
+    epochs, eval_every = vs_budget(mode)
     overrides = [f"train.epochs={epochs}", f"train.eval_every={eval_every}", *VS_JAXREC_OVERRIDES, *METHODS[method],
                  f"run.seed={seed}", f"run.dir={run_dir}",
                  "checkpoint.resume=false"]
@@ -334,37 +345,45 @@ def jaxrec_vs_cell(backbone: str, method: str, seed: int, raw_out: Path, runs_di
     seconds = time.time() - started
     tests = {split: {k: v for k, v in values.items() if k in VS_REPORTED}
              for split, values in {**result.tests, "valid": result.valid}.items()}
+    valid_times = [[r["step"], r["time"]] for r in read_metrics(run_dir) if r["kind"] == "valid"]
     raw_out.write_text(json.dumps({
         "seconds": seconds, "train_seconds": result.train_seconds, "epochs": epochs,
-        "best_epoch": result.best_step, "tests": tests, "overrides": overrides,
+        "best_epoch": result.best_step, "tests": tests, "overrides": overrides, "valid_times": valid_times,
         "protocol": result.protocols.get("test", "")}, indent=1, default=float))
 
 
-def run_vs_cell(side, backbone, method, seed, official_dir: Path, runs_dir: Path, threads: int,
-                quick: bool = False) -> dict:
-    """One cell in a fresh process (so thread settings and memory start clean); the raw output
-    is kept in runs_dir and reused if the cell is asked for again."""
+def run_vs_process(side, backbone, method, seed, official_dir: Path, runs_dir: Path, threads: int,
+                   mode: str) -> dict:
+    """Train one side in a fresh process (so thread settings and memory start clean) and return
+    its raw output, which is kept in runs_dir and reused if the same run is asked for again."""
     import subprocess
-    raw = runs_dir / f"{side}_{backbone}_{method}_seed{seed}.json"
+    raw = runs_dir / f"{vs_run_name(side, backbone, method, seed, mode)}.json"
     log_path = raw.with_suffix(".log")
-    epochs, eval_every = vs_budget(quick)
+    epochs, eval_every = vs_budget(mode)
     if not raw.exists():
         if side == "official":
             data = (REPO / VS_OFFICIAL_DATA).resolve()
             cmd = [sys.executable, str(REPO / "scripts" / "caseq_official_run.py"), str(official_dir), str(data),
                    str(raw), "--", "--dataset=ml-100k", f"--backbone={OFFICIAL_BACKBONES[backbone]}",
                    f"--seed={seed}", f"--num_epochs={epochs}", f"--eval_every={eval_every}",
-                   f"--train_dir=jaxrec_vs_{backbone}_{method}_seed{seed}", *OFFICIAL_METHODS[method]]
+                   f"--train_dir=jaxrec_vs_{vs_run_name(side, backbone, method, seed, mode)}",
+                   *OFFICIAL_METHODS[method]]
         else:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--jaxrec-vs-cell", backbone, method, str(seed),
-                   str(raw), "--runs-dir", str(runs_dir), *(["--quick"] if quick else [])]
+                   str(raw), "--runs-dir", str(runs_dir), "--vs-mode", mode]
         with open(log_path, "w") as log_file:
             done = subprocess.run(cmd, env=thread_env(threads), stdout=log_file, stderr=subprocess.STDOUT,
                                   cwd=REPO)
         if done.returncode != 0 or not raw.exists():
             tail = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"{side} cell exited with {done.returncode}: {tail[0]} (log: {log_path})")
-    r = json.loads(raw.read_text())
+    return json.loads(raw.read_text())
+
+
+def run_vs_cell(side, backbone, method, seed, official_dir: Path, runs_dir: Path, threads: int,
+                mode: str = "official") -> dict:
+    """One accuracy cell: test metrics with and without the gap at the best validation epoch."""
+    r = run_vs_process(side, backbone, method, seed, official_dir, runs_dir, threads, mode)
     tests = r["tests"]
     cell = {"side": side, "backbone": backbone, "method": method, "seed": seed, "threads": threads,
             "best_epoch": r["best_epoch"], "seconds": round(r["seconds"], 1),
@@ -375,11 +394,69 @@ def run_vs_cell(side, backbone, method, seed, official_dir: Path, runs_dir: Path
         values = tests.get(split, {})
         cell[split] = {"ndcg@10": values.get("ndcg@10"), "hr@10": values.get("hr@10"),
                        "examples": values.get("examples"), **context_report(values)}
-    cell["valid_ndcg@10_curve"] = valid_curve(side, r, runs_dir / f"jaxrec_{backbone}_{method}_seed{seed}")
+    cell["valid_ndcg@10_curve"] = valid_curve(side, r, runs_dir / vs_run_name("jaxrec", backbone, method, seed, mode))
     for metric in ("ndcg@10", "hr@10"):
         no_gap, gap = cell["test"][metric], cell["test_gap"][metric]
         cell[f"drop_{metric}"] = None if not no_gap or gap is None else (no_gap - gap) / no_gap
     return cell
+
+
+def run_vs_speed(side, backbone, method, official_dir: Path, runs_dir: Path, threads: int) -> dict:
+    """Seconds per epoch of one side, steady state and whole process, from a 20-epoch run
+    evaluated at epochs 10 and 20. steady = (time of the epoch-20 validation - time of the
+    epoch-10 one) / 10: ten training epochs plus one evaluation round of that side's own
+    protocol (the official code also tests both splits at every round; jaxrec validates, and
+    tests once at the end). start-up = whole run - 20 x steady (data loading, compilation,
+    the final tests); per_epoch_at_101 spreads it over the official 101 epochs."""
+    seed = 100
+    r = run_vs_process(side, backbone, method, seed, official_dir, runs_dir, threads, "speed")
+    epochs, eval_every = vs_budget("speed")
+    if side == "official":
+        times = [e["time"] for e in r["evaluations"] if e["kind"] == "valid"]
+    else:
+        times = [t for _, t in r["valid_times"]]
+    if len(times) != epochs // eval_every:
+        raise RuntimeError(f"{side} {backbone}/{method}: {len(times)} validation times, expected {epochs // eval_every}")
+    steady = (times[-1] - times[-2]) / eval_every
+    startup = r["seconds"] - epochs * steady
+    return {"side": side, "backbone": backbone, "method": method, "threads": threads, "epochs": epochs,
+            "seconds": round(r["seconds"], 2), "steady_seconds_per_epoch": steady, "startup_seconds": startup,
+            "per_epoch_at_101": steady + startup / VS_EPOCHS}
+
+
+SPEED_PROTOCOL = ("20 epochs evaluated at 10 and 20, seed 100, {threads} thread(s) per job, one job at a time, "
+                  "alternating sides; steady = (time of the epoch-20 validation - time of the epoch-10 one) / 10, "
+                  "i.e. ten training epochs plus one evaluation round of that side's protocol; start-up = whole "
+                  "process - 20 x steady (data, compilation with no persistent cache, final tests); per_epoch_at_101 "
+                  "= steady + start-up / 101")
+
+
+def speed_summary(speed: dict) -> dict:
+    """official / jaxrec seconds per epoch for every variant measured on both sides (> 1: jaxrec faster)."""
+    out = {}
+    for backbone, method in VS_ORDER:
+        j, o = speed.get(f"jaxrec/{backbone}/{method}"), speed.get(f"official/{backbone}/{method}")
+        if j and o and "error" not in j and "error" not in o:
+            out[f"{backbone}/{method}"] = {
+                "speedup_steady": o["steady_seconds_per_epoch"] / j["steady_seconds_per_epoch"],
+                "speedup_at_101": o["per_epoch_at_101"] / j["per_epoch_at_101"]}
+    return out
+
+
+def speed_table(report: dict) -> str:
+    speed, summary = report.get("speed", {}), report.get("speed_summary", {})
+    lines = ["| backbone | method | official s/epoch (steady / at 101) | jaxrec s/epoch (steady / at 101) | "
+             "jaxrec start-up s | speed-up (steady / at 101) |", "| --- | --- | --- | --- | --- | --- |"]
+    for backbone, method in VS_ORDER:
+        o, j = speed.get(f"official/{backbone}/{method}"), speed.get(f"jaxrec/{backbone}/{method}")
+        if not (o and j and f"{backbone}/{method}" in summary):
+            lines.append(f"| {backbone} | {method} | not run | | | |")
+            continue
+        s = summary[f"{backbone}/{method}"]
+        lines.append(f"| {backbone} | {method} | {o['steady_seconds_per_epoch']:.2f} / {o['per_epoch_at_101']:.2f} | "
+                     f"{j['steady_seconds_per_epoch']:.2f} / {j['per_epoch_at_101']:.2f} | {j['startup_seconds']:.1f} | "
+                     f"{s['speedup_steady']:.2f}x / {s['speedup_at_101']:.2f}x |")
+    return "\n".join(lines)
 
 
 def valid_curve(side: str, raw: dict, jaxrec_run_dir: Path) -> list:
@@ -451,6 +528,8 @@ def vs_official(args) -> int:
     report = json.loads(out.read_text()) if out.exists() else {"cells": {}}
     if args.table:
         print(vs_table(report))
+        print()
+        print(speed_table(report))
         return 0
     official_dir = Path(args.vs_official).resolve()
     if not (official_dir / "main.py").exists() or not (official_dir / "model.py").exists():
@@ -460,6 +539,9 @@ def vs_official(args) -> int:
     runs_dir = Path(args.runs_dir if args.runs_dir != PARSER_DEFAULT_RUNS
                     else REPO / "runs" / ("bench_caseq_vs_official" + ("_quick" if args.quick else "")))
     runs_dir.mkdir(parents=True, exist_ok=True)
+    mode = "quick" if args.quick else "official"
+    if args.speed:
+        return vs_speed(args, report, out, official_dir, runs_dir)
     report.update(machine=machine_info(), data="CaseQ's ml-100k.txt (" + VS_OFFICIAL_DATA + ")",
                   budget="quick smoke run (2 epochs)" if args.quick else "official",
                   protocol=(f"{VS_EPOCHS} epochs of 1 step x 512 users, gap 30 events, test = target + 100 "
@@ -473,7 +555,7 @@ def vs_official(args) -> int:
             raw = runs_dir / f"{cell.get('side')}_{cell.get('backbone')}_{cell.get('method')}_seed{cell.get('seed')}.json"
             if "error" not in cell and raw.exists():
                 cells[key] = run_vs_cell(cell["side"], cell["backbone"], cell["method"], cell["seed"], official_dir,
-                                         runs_dir, cell["threads"], args.quick)
+                                         runs_dir, cell["threads"], mode)
         report["summary"] = vs_summary(cells)
         write_json(out, report)
         print(vs_table(report))
@@ -489,7 +571,7 @@ def vs_official(args) -> int:
                 print(f"== {key}", flush=True)
                 try:
                     cells[key] = run_vs_cell(side, backbone, method, seed, official_dir, runs_dir, args.threads,
-                                             args.quick)
+                                             mode)
                 except Exception as e:   # one failed cell must not lose the others
                     cells[key] = {"error": f"{type(e).__name__}: {e}"}
                     print(f"   failed: {cells[key]['error']}", flush=True)
@@ -501,6 +583,33 @@ def vs_official(args) -> int:
                 report["summary"] = vs_summary(cells)
                 write_json(out, report)
     print(vs_table(report))
+    return 0
+
+
+def vs_speed(args, report: dict, out: Path, official_dir: Path, runs_dir: Path) -> int:
+    """--speed: every variant on both sides, one job at a time, alternating sides, into the
+    report's "speed" section (the accuracy cells are left as they are)."""
+    from jaxrec.bench import write_json
+    for backbone, method in VS_ORDER:
+        if backbone not in args.backbones or method not in args.methods:
+            continue
+        for side in args.sides:
+            key = f"{side}/{backbone}/{method}"
+            if key in report.get("speed", {}) and "error" not in report["speed"][key]:
+                continue
+            print(f"== speed {key}", flush=True)
+            try:
+                entry = run_vs_speed(side, backbone, method, official_dir, runs_dir, args.threads)
+            except Exception as e:   # one failed run must not lose the others
+                entry = {"error": f"{type(e).__name__}: {e}"}
+                print(f"   failed: {entry['error']}", flush=True)
+            fresh = json.loads(out.read_text()) if out.exists() else {}
+            report["cells"] = {**fresh.get("cells", {}), **report.get("cells", {})}
+            speed = {**fresh.get("speed", {}), **report.get("speed", {}), key: entry}
+            report.update(speed=speed, speed_summary=speed_summary(speed), speed_date=time.strftime("%Y-%m-%d"),
+                          speed_protocol=SPEED_PROTOCOL.format(threads=args.threads))
+            write_json(out, report)
+    print(speed_table(report))
     return 0
 
 
@@ -531,13 +640,17 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="--vs-official: threads per job, both sides")
     parser.add_argument("--rebuild-cells", action="store_true",
                         help="--vs-official: rebuild the JSON's finished cells from their raw outputs, train nothing")
+    parser.add_argument("--speed", action="store_true",
+                        help="--vs-official: time 20 epochs of every variant on both sides (seconds per epoch and "
+                             "the speed-up) instead of training the accuracy cells")
     parser.add_argument("--jaxrec-vs-cell", nargs=4, metavar=("BACKBONE", "METHOD", "SEED", "RAW_OUT"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--vs-mode", choices=list(VS_BUDGETS), default="official", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.jaxrec_vs_cell:
         backbone, method, seed, raw_out = args.jaxrec_vs_cell
-        jaxrec_vs_cell(backbone, method, int(seed), Path(raw_out), Path(args.runs_dir), args.quick)
+        jaxrec_vs_cell(backbone, method, int(seed), Path(raw_out), Path(args.runs_dir), args.vs_mode)
         return 0
     if args.vs_official:
         if args.seeds == DEFAULT_SEEDS:

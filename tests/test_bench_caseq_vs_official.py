@@ -53,3 +53,32 @@ def test_the_official_runner_refuses_a_malformed_command_line():
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "caseq_official_run.py"), "only-one-arg"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.strip().startswith("usage:")
+
+
+def test_speed_is_the_time_between_the_two_evaluation_rounds_and_the_rest_is_start_up(bench, monkeypatch, tmp_path):
+    # Planted timings: 30 s of start-up, then 2 s per epoch (jaxrec) and 5 s (official).
+    raws = {"jaxrec": {"seconds": 30 + 20 * 2.0, "valid_times": [[10, 1000.0 + 20 + 10 * 2.0],
+                                                                  [20, 1000.0 + 20 + 20 * 2.0]]},
+            "official": {"seconds": 30 + 20 * 5.0, "evaluations": [
+                {"kind": "test_gap", "time": 1.0}, {"kind": "valid", "time": 100.0},
+                {"kind": "test", "time": 101.0}, {"kind": "valid", "time": 150.0}]}}
+    monkeypatch.setattr(bench, "run_vs_process", lambda side, *a, **k: raws[side])
+    speed = {f"{side}/sasrec/caseq": bench.run_vs_speed(side, "sasrec", "caseq", tmp_path, tmp_path, 1)
+             for side in ("jaxrec", "official")}
+    jaxrec, official = speed["jaxrec/sasrec/caseq"], speed["official/sasrec/caseq"]
+    assert jaxrec["steady_seconds_per_epoch"] == pytest.approx(2.0)
+    assert jaxrec["startup_seconds"] == pytest.approx(30.0)
+    assert jaxrec["per_epoch_at_101"] == pytest.approx(2.0 + 30.0 / 101)
+    assert official["steady_seconds_per_epoch"] == pytest.approx(5.0)
+    summary = bench.speed_summary(speed)["sasrec/caseq"]
+    assert summary["speedup_steady"] == pytest.approx(2.5)
+    assert summary["speedup_at_101"] == pytest.approx((5.0 + 30 / 101) / (2.0 + 30 / 101))
+    table = bench.speed_table({"speed": speed, "speed_summary": bench.speed_summary(speed)})
+    assert "| sasrec | caseq | 5.00 / 5.30 | 2.00 / 2.30 | 30.0 | 2.50x / 2.31x |" in table
+    assert "| gru4rec | caseq | not run |" in table
+
+
+def test_a_speed_run_missing_an_evaluation_round_is_an_error(bench, monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "run_vs_process", lambda *a, **k: {"seconds": 10.0, "valid_times": [[10, 5.0]]})
+    with pytest.raises(RuntimeError, match="1 validation times, expected 2"):
+        bench.run_vs_speed("jaxrec", "gru4rec", "backbone", tmp_path, tmp_path, 1)
