@@ -575,10 +575,12 @@ def vs_official(args) -> int:
                 except Exception as e:   # one failed cell must not lose the others
                     cells[key] = {"error": f"{type(e).__name__}: {e}"}
                     print(f"   failed: {cells[key]['error']}", flush=True)
-                # Another invocation (e.g. one per side) may have added cells meanwhile: keep them.
+                # Another invocation (e.g. one per side, or --speed) may have written meanwhile: keep it.
                 if out.exists():
-                    cells = {**json.loads(out.read_text()).get("cells", {}), **{key: cells[key]}}
+                    fresh = json.loads(out.read_text())
+                    cells = {**fresh.get("cells", {}), **{key: cells[key]}}
                     report["cells"] = cells
+                    report.update({k: v for k, v in fresh.items() if k.startswith("speed")})
                 report["date"] = time.strftime("%Y-%m-%d")
                 report["summary"] = vs_summary(cells)
                 write_json(out, report)
