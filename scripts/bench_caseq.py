@@ -290,12 +290,25 @@ VS_REPORTED = ("ndcg@10", "hr@10", "examples", "context", "context_entropy", "co
 
 
 def thread_env(threads: int) -> dict:
-    """The same thread budget for both sides: torch/OpenMP and XLA:CPU's intra-op pool."""
+    """torch/OpenMP thread counts for a job of `threads` threads (XLA:CPU ignores such settings;
+    `pinned_to` is what bounds it)."""
     import os
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}")
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
+
+
+def pinned_to(threads: int):
+    """A subprocess `preexec_fn` that confines the job, with every process it starts (the official
+    sampler's workers too), to the first `threads` cores this process may use. CPU affinity is the
+    one bound XLA:CPU honours: its pool is sized from the affinity mask, and the XLA_FLAGS usually
+    quoted for one thread (`--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`)
+    leave a jitted matmul using every core."""
+    import os
+    cores = sorted(os.sched_getaffinity(0))[:threads]
+    if len(cores) < threads:
+        raise SystemExit(f"--threads {threads}: only {len(cores)} cores available")
+    return lambda: os.sched_setaffinity(0, cores)
 
 
 def vs_cell_key(side, backbone, method, seed) -> str:
@@ -373,7 +386,7 @@ def run_vs_process(side, backbone, method, seed, official_dir: Path, runs_dir: P
                    str(raw), "--runs-dir", str(runs_dir), "--vs-mode", mode]
         with open(log_path, "w") as log_file:
             done = subprocess.run(cmd, env=thread_env(threads), stdout=log_file, stderr=subprocess.STDOUT,
-                                  cwd=REPO)
+                                  cwd=REPO, preexec_fn=pinned_to(threads))
         if done.returncode != 0 or not raw.exists():
             tail = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"{side} cell exited with {done.returncode}: {tail[0]} (log: {log_path})")
@@ -424,7 +437,8 @@ def run_vs_speed(side, backbone, method, official_dir: Path, runs_dir: Path, thr
             "per_epoch_at_101": steady + startup / VS_EPOCHS}
 
 
-SPEED_PROTOCOL = ("20 epochs evaluated at 10 and 20, seed 100, {threads} thread(s) per job, one job at a time, "
+SPEED_PROTOCOL = ("20 epochs evaluated at 10 and 20, seed 100, {threads} core(s) per job (CPU affinity of all the "
+                  "job's processes; torch threads set to match), one job at a time, "
                   "alternating sides; steady = (time of the epoch-20 validation - time of the epoch-10 one) / 10, "
                   "i.e. ten training epochs plus one evaluation round of that side's protocol; start-up = whole "
                   "process - 20 x steady (data, compilation with no persistent cache, final tests); per_epoch_at_101 "
@@ -548,7 +562,8 @@ def vs_official(args) -> int:
                             "negatives avoiding the history, best epoch by validation NDCG@10 (evaluated every "
                             f"{VS_EVAL_EVERY} epochs); context report on the no-gap test at that epoch"),
                   timing=("seconds_per_epoch = wall time of the whole process (start-up, compilation, training "
-                          "and evaluations) / epochs, one job at a time, same thread count both sides"))
+                          "and evaluations) / epochs; the cells ran beside other jobs, so these times are not a "
+                          "speed comparison (see the speed section)"))
     cells = report.setdefault("cells", {})
     if args.rebuild_cells:   # re-read finished cells from their raw outputs (nothing is trained)
         for key, cell in list(cells.items()):
@@ -639,7 +654,7 @@ def main(argv=None) -> int:
                         help="side by side with a checkout of the official code (ML-100K, official protocol); "
                              "--seeds default 100 101 102, --out default results/bench_caseq_vs_official.json")
     parser.add_argument("--sides", nargs="+", default=["official", "jaxrec"], choices=["official", "jaxrec"])
-    parser.add_argument("--threads", type=int, default=1, help="--vs-official: threads per job, both sides")
+    parser.add_argument("--threads", type=int, default=1, help="--vs-official: cores per job (CPU affinity) and torch threads, both sides")
     parser.add_argument("--rebuild-cells", action="store_true",
                         help="--vs-official: rebuild the JSON's finished cells from their raw outputs, train nothing")
     parser.add_argument("--speed", action="store_true",

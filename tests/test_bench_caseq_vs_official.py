@@ -82,3 +82,15 @@ def test_a_speed_run_missing_an_evaluation_round_is_an_error(bench, monkeypatch,
     monkeypatch.setattr(bench, "run_vs_process", lambda *a, **k: {"seconds": 10.0, "valid_times": [[10, 5.0]]})
     with pytest.raises(RuntimeError, match="1 validation times, expected 2"):
         bench.run_vs_speed("jaxrec", "gru4rec", "backbone", tmp_path, tmp_path, 1)
+
+
+def test_a_job_is_pinned_to_as_many_cores_as_threads(bench):
+    import os
+    import subprocess
+    allowed = sorted(os.sched_getaffinity(0))
+    code = "import os; print(sorted(os.sched_getaffinity(0)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=bench.pinned_to(1),
+                          env=bench.thread_env(1))
+    assert done.stdout.strip() == str(allowed[:1])
+    with pytest.raises(SystemExit, match="cores available"):
+        bench.pinned_to(len(allowed) + 1)
