@@ -354,7 +354,9 @@ def jaxrec_vs_cell(backbone: str, method: str, seed: int, raw_out: Path, runs_di
                  "checkpoint.resume=false"]
     config = load_config(config_path, overrides)
     started = time.time()
-    result = train(config)
+    # This runs only when the cell has no raw output: a run directory left by an interrupted or
+    # failed attempt is stale, and the timing must cover a whole run, so start over.
+    result = train(config, restart=True)
     seconds = time.time() - started
     tests = {split: {k: v for k, v in values.items() if k in VS_REPORTED}
              for split, values in {**result.tests, "valid": result.valid}.items()}
