@@ -325,13 +325,9 @@ def context_report(values: dict) -> dict:
             "context": values.get("context")}
 
 
+# (epochs, evaluate every) per --vs-official mode: the official budget, a 2-epoch smoke run, the
+# speed measurement's 20 epochs (two evaluation rounds to time between).
 VS_BUDGETS = {"official": (VS_EPOCHS, VS_EVAL_EVERY), "quick": (2, 1), "speed": (20, 10)}
-
-
-def vs_budget(mode: str) -> tuple[int, int]:
-    """(epochs, evaluate every) of a --vs-official budget: the official one, a 2-epoch smoke
-    run, or the speed measurement's 20 epochs (two evaluation rounds to time between)."""
-    return VS_BUDGETS[mode]
 
 
 def vs_run_name(side: str, backbone: str, method: str, seed: int, mode: str) -> str:
@@ -342,13 +338,12 @@ def jaxrec_vs_cell(backbone: str, method: str, seed: int, raw_out: Path, runs_di
     """Train one jaxrec cell under the official protocol (runs in its own process) and write
     the raw result: test metrics at the best validation epoch, their context report, times."""
     from jaxrec.config import load_config
+    from jaxrec.train.reporting import read_metrics
     from jaxrec.train.trainer import train
 
     config_path = REPO / "configs" / "caseq" / f"ml100k_{backbone}.yaml"
-    from jaxrec.train.reporting import read_metrics
-
     run_dir = runs_dir / vs_run_name("jaxrec", backbone, method, seed, mode)
-    epochs, eval_every = vs_budget(mode)
+    epochs, eval_every = VS_BUDGETS[mode]
     overrides = [f"train.epochs={epochs}", f"train.eval_every={eval_every}", *VS_JAXREC_OVERRIDES, *METHODS[method],
                  f"run.seed={seed}", f"run.dir={run_dir}",
                  "checkpoint.resume=false"]
@@ -374,7 +369,7 @@ def run_vs_process(side, backbone, method, seed, official_dir: Path, runs_dir: P
     import subprocess
     raw = runs_dir / f"{vs_run_name(side, backbone, method, seed, mode)}.json"
     log_path = raw.with_suffix(".log")
-    epochs, eval_every = vs_budget(mode)
+    epochs, eval_every = VS_BUDGETS[mode]
     if not raw.exists():
         if side == "official":
             data = (REPO / VS_OFFICIAL_DATA).resolve()
@@ -425,7 +420,7 @@ def run_vs_speed(side, backbone, method, official_dir: Path, runs_dir: Path, thr
     the final tests); per_epoch_at_101 spreads it over the official 101 epochs."""
     seed = 100
     r = run_vs_process(side, backbone, method, seed, official_dir, runs_dir, threads, "speed")
-    epochs, eval_every = vs_budget("speed")
+    epochs, eval_every = VS_BUDGETS["speed"]
     if side == "official":
         times = [e["time"] for e in r["evaluations"] if e["kind"] == "valid"]
     else:
@@ -569,8 +564,10 @@ def vs_official(args) -> int:
     cells = report.setdefault("cells", {})
     if args.rebuild_cells:   # re-read finished cells from their raw outputs (nothing is trained)
         for key, cell in list(cells.items()):
-            raw = runs_dir / f"{cell.get('side')}_{cell.get('backbone')}_{cell.get('method')}_seed{cell.get('seed')}.json"
-            if "error" not in cell and raw.exists():
+            if "error" in cell:
+                continue
+            raw = runs_dir / f"{vs_run_name(cell['side'], cell['backbone'], cell['method'], cell['seed'], mode)}.json"
+            if raw.exists():
                 cells[key] = run_vs_cell(cell["side"], cell["backbone"], cell["method"], cell["seed"], official_dir,
                                          runs_dir, cell["threads"], mode)
         report["summary"] = vs_summary(cells)
@@ -592,23 +589,32 @@ def vs_official(args) -> int:
                 except Exception as e:   # one failed cell must not lose the others
                     cells[key] = {"error": f"{type(e).__name__}: {e}"}
                     print(f"   failed: {cells[key]['error']}", flush=True)
-                # Another invocation (e.g. one per side, or --speed) may have written meanwhile: keep it.
-                if out.exists():
-                    fresh = json.loads(out.read_text())
-                    cells = {**fresh.get("cells", {}), **{key: cells[key]}}
-                    report["cells"] = cells
-                    report.update({k: v for k, v in fresh.items() if k.startswith("speed")})
                 report["date"] = time.strftime("%Y-%m-%d")
-                report["summary"] = vs_summary(cells)
-                write_json(out, report)
+                write_merged(out, report, "cells", key, cells[key])
+                cells = report["cells"]
     print(vs_table(report))
     return 0
+
+
+def write_merged(out: Path, report: dict, section: str, key: str, value: dict) -> None:
+    """Write `report` with report[section][key] = value. Other invocations (one per side, or
+    --speed beside the accuracy cells) write the same file, so the sections are taken from the
+    file as it is now, not as this process read it; the summaries are derived from them."""
+    from jaxrec.bench import write_json
+    fresh = json.loads(out.read_text()) if out.exists() else {}
+    for name in ("cells", "speed"):
+        report[name] = dict(fresh.get(name, report.get(name, {})))
+    report[section][key] = value
+    if section != "speed":
+        report.update({k: fresh[k] for k in ("speed_date", "speed_protocol") if k in fresh})
+    report["summary"] = vs_summary(report["cells"])
+    report["speed_summary"] = speed_summary(report["speed"])
+    write_json(out, report)
 
 
 def vs_speed(args, report: dict, out: Path, official_dir: Path, runs_dir: Path) -> int:
     """--speed: every variant on both sides, one job at a time, alternating sides, into the
     report's "speed" section (the accuracy cells are left as they are)."""
-    from jaxrec.bench import write_json
     for backbone, method in VS_ORDER:
         if backbone not in args.backbones or method not in args.methods:
             continue
@@ -622,12 +628,8 @@ def vs_speed(args, report: dict, out: Path, official_dir: Path, runs_dir: Path) 
             except Exception as e:   # one failed run must not lose the others
                 entry = {"error": f"{type(e).__name__}: {e}"}
                 print(f"   failed: {entry['error']}", flush=True)
-            fresh = json.loads(out.read_text()) if out.exists() else {}
-            report["cells"] = {**fresh.get("cells", {}), **report.get("cells", {})}
-            speed = {**fresh.get("speed", {}), **report.get("speed", {}), key: entry}
-            report.update(speed=speed, speed_summary=speed_summary(speed), speed_date=time.strftime("%Y-%m-%d"),
-                          speed_protocol=SPEED_PROTOCOL.format(threads=args.threads))
-            write_json(out, report)
+            report.update(speed_date=time.strftime("%Y-%m-%d"), speed_protocol=SPEED_PROTOCOL.format(threads=args.threads))
+            write_merged(out, report, "speed", key, entry)
     print(speed_table(report))
     return 0
 

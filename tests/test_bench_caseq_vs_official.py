@@ -94,3 +94,23 @@ def test_a_job_is_pinned_to_as_many_cores_as_threads(bench):
     assert done.stdout.strip() == str(allowed[:1])
     with pytest.raises(SystemExit, match="cores available"):
         bench.pinned_to(len(allowed) + 1)
+
+
+def test_a_write_keeps_what_another_invocation_wrote_meanwhile(bench, tmp_path):
+    import json
+    out = tmp_path / "out.json"
+    speed_entry = {"steady_seconds_per_epoch": 2.0, "per_epoch_at_101": 2.5}
+    # This process read the file before the other invocation wrote a cell and a speed entry.
+    mine = {"cells": {}, "speed": {}}
+    out.write_text(json.dumps({"cells": {"official/gru4rec/caseq/seed100": _cell("official", 100, 0.38, 0.29, 6.0)},
+                               "speed": {"official/gru4rec/caseq": speed_entry},
+                               "speed_protocol": "p", "speed_date": "d"}))
+    bench.write_merged(out, mine, "cells", "jaxrec/gru4rec/caseq/seed100", _cell("jaxrec", 100, 0.40, 0.30, 2.0))
+    written = json.loads(out.read_text())
+    assert set(written["cells"]) == {"official/gru4rec/caseq/seed100", "jaxrec/gru4rec/caseq/seed100"}
+    assert written["speed"] == {"official/gru4rec/caseq": speed_entry}
+    assert written["speed_protocol"] == "p" and written["summary"]["jaxrec/gru4rec/caseq"]["ndcg@10"]["n"] == 1
+    bench.write_merged(out, {"cells": {}}, "speed", "jaxrec/gru4rec/caseq", {**speed_entry, "per_epoch_at_101": 1.25})
+    written = json.loads(out.read_text())
+    assert len(written["cells"]) == 2
+    assert written["speed_summary"]["gru4rec/caseq"]["speedup_at_101"] == pytest.approx(2.0)
