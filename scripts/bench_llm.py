@@ -43,17 +43,24 @@ def timed(fn, repeats: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-def lora_train_step(model, tx):
+LM_LOSS_CHUNK = 512   # tokens per block of the LM-head cross-entropy (docs/llm.md, "Profile")
+
+
+def lora_train_step(model, tx, chunk: int | None = LM_LOSS_CHUNK):
     """The jitted `(adapters, opt_state, frozen base, ids) -> (adapters, opt_state, loss)` both
-    LoRA benchmarks time: causal-LM cross-entropy over the whole sequence."""
+    LoRA benchmarks time: causal-LM cross-entropy over the whole sequence, `chunk` tokens at a
+    time so the [tokens, vocab] logits are never materialised (None: all at once)."""
     import jax
     import optax
 
+    from jaxrec.models.llama import output_table
     from jaxrec.models.lora import merge_trainable
+    from jaxrec.models.losses import lm_cross_entropy
 
     def loss_fn(trainable, frozen, ids):
-        logits = model.apply({"params": merge_trainable(trainable, frozen)}, ids).logits
-        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+        params = merge_trainable(trainable, frozen)
+        hidden = model.apply({"params": params}, ids, return_hidden=True).hidden
+        return lm_cross_entropy(hidden[:, :-1], output_table(params, model.config), ids[:, 1:], chunk=chunk)[0]
 
     @jax.jit
     def train_step(trainable, opt_state, frozen, ids):

@@ -266,6 +266,15 @@ def embed_tokens(params: Any, input_ids: jax.Array, dtype: Any = None) -> jax.Ar
     return out if dtype is None else out.astype(dtype)
 
 
+def output_table(params: Any, config: LlamaConfig) -> jax.Array:
+    """The output embedding [vocab, d] (logits = hidden · tableᵀ): the input table when tied,
+    the LM head's kernel transposed otherwise. For losses that never form the logits
+    (`jaxrec.models.losses.lm_cross_entropy`)."""
+    if config.tie_word_embeddings:
+        return nn.unbox(params["embed_tokens"])
+    return nn.unbox(params["lm_head"]["kernel"]).T
+
+
 @partial(jax.jit, static_argnames=("model", "return_hidden", "deterministic"))
 def forward(model: Llama, params: Any, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
             *, inputs_embeds: jax.Array | None = None, lora_gates: jax.Array | None = None,

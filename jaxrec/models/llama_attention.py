@@ -83,12 +83,13 @@ def attend(q, k, v, mask, prefix=None):
     """
     B, T, H, hd = q.shape
     Hkv = k.shape[2]
+    if prefix is None:
+        grouped_q = q.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)
+        out = grouped_attention(grouped_q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+        return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
     q = q.reshape(B, T, Hkv, H // Hkv, hd)
     s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     s = jnp.where(mask[:, None, None], s, _NEG)
-    if prefix is None:
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(B, T, H, hd)
     pk, pv, pmask = prefix
     Bp, P = pk.shape[:2]
     qp = q.reshape(Bp, B // Bp, T, Hkv, H // Hkv, hd)
@@ -99,3 +100,46 @@ def attend(q, k, v, mask, prefix=None):
     out = jnp.einsum("bkgts,bskd->btkgd", p_own, v)
     out_prefix = jnp.einsum("brkgtp,bpkd->brtkgd", p_prefix.reshape(Bp, B // Bp, *p_prefix.shape[1:]), pv)
     return (out + out_prefix.reshape(out.shape)).reshape(B, T, H, hd)
+
+
+# ---------------------------------------------------------------------------------------
+# Attention with a hand-written gradient
+# ---------------------------------------------------------------------------------------
+# Autodiff of the einsums above writes the key and value gradients as dots that contract the
+# score matrix over (group, query) — its major axes — and XLA:CPU then copies the whole
+# [B, Hkv, G, T, S] score gradient into a transposed layout before each one. The rule below
+# computes those two gradients transposed, [.., hd, S] = (small operand)ᵀ · (scores), so only
+# head-sized tensors are ever transposed (docs/llm.md, "Profile").
+@jax.custom_vjp
+def grouped_attention(q, k, v, mask):
+    """Softmax attention on grouped heads: q [B,Hkv,G,T,hd] pre-scaled, k/v [B,Hkv,S,hd],
+    mask [B,T,S] → [B,Hkv,G,T,hd]."""
+    return _grouped_attention_forward(q, k, v, mask)[0]
+
+
+def _grouped_attention_forward(q, k, v, mask):
+    s = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    p = jax.nn.softmax(jnp.where(mask[:, None, None], s, _NEG), axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bksd->bkgtd", p, v), p
+
+
+def _grouped_attention_fwd(q, k, v, mask):
+    out, p = _grouped_attention_forward(q, k, v, mask)
+    return out, (q, k, v, mask, p)
+
+
+def _grouped_attention_bwd(residuals, d_out):
+    q, k, v, mask, p = residuals
+    f32 = jnp.float32
+    d_p = jnp.einsum("bkgtd,bksd->bkgts", d_out, v, preferred_element_type=f32)
+    p32 = p.astype(f32)
+    d_s = p32 * (d_p - jnp.sum(d_p * p32, axis=-1, keepdims=True))
+    d_s = jnp.where(mask[:, None, None], d_s, 0.0).astype(q.dtype)
+    d_q = jnp.einsum("bkgts,bksd->bkgtd", d_s, k, preferred_element_type=f32)
+    d_k = jnp.einsum("bkgtd,bkgts->bkds", q, d_s, preferred_element_type=f32)
+    d_v = jnp.einsum("bkgtd,bkgts->bkds", d_out, p, preferred_element_type=f32)
+    return (d_q.astype(q.dtype), jnp.swapaxes(d_k, -1, -2).astype(k.dtype),
+            jnp.swapaxes(d_v, -1, -2).astype(v.dtype), None)
+
+
+grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)

@@ -98,17 +98,20 @@ class LoRADense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, gates: jax.Array | None = None) -> jax.Array:
-        d_in = x.shape[-1]
+        d_in, lead = x.shape[-1], x.shape[:-1]
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
                             (d_in, self.features), self.param_dtype)
-        x = x.astype(self.dtype)
+        # Every dot runs on [tokens, features]: with the batch axes kept, autodiff writes the
+        # adapter's weight gradients as dots contracting several major axes, and XLA:CPU copies the
+        # [tokens, features] cotangent into a transposed layout for each (docs/llm.md, "Profile").
+        x = x.astype(self.dtype).reshape(-1, d_in)
         y = jnp.dot(x, kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                               (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         if self.lora is None:
-            return y
+            return y.reshape(*lead, self.features)
         lora = self.lora
         a = self.param("lora_a", nn.with_logical_partitioning(kaiming_uniform_sqrt5, (self.axes[0], "lora_rank")),
                        (d_in, lora.rank), jnp.float32)
@@ -120,8 +123,10 @@ class LoRADense(nn.Module):
             if gates is None:
                 raise ValueError(f"this MoE-LoRA adapter has {lora.num_experts} experts: pass lora_gates [batch, E]")
             g = expand_gates(gates, lora).astype(self.dtype)
-            z = z * g.reshape(g.shape[:1] + (1,) * (z.ndim - 2) + g.shape[1:])
-        return y + jnp.dot(z, b.astype(self.dtype)) * jnp.asarray(lora.scale, self.dtype)
+            z = (z.reshape(*lead, lora.rank) * g.reshape(g.shape[:1] + (1,) * (len(lead) - 1) + g.shape[1:])
+                 ).reshape(-1, lora.rank)
+        y = y + jnp.dot(z, b.astype(self.dtype)) * jnp.asarray(lora.scale, self.dtype)
+        return y.reshape(*lead, self.features)
 
 
 # ---------------------------------------------------------------------------------------

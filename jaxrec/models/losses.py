@@ -54,9 +54,9 @@ def _finish(total, weight):
 # Full softmax cross-entropy
 # ---------------------------------------------------------------------------------
 
-def _ce_block(h, items, t, w, want_grad):
+def _ce_block(h, items, t, w, want_grad, item_grad=True):
     """Per-row CE (unweighted) of a block of rows, and optionally the gradient of
-    sum(w * ce) w.r.t. h and items; items = table[1:], t 0-based target columns."""
+    sum(w * ce) w.r.t. h and (item_grad) items; items = table[1:], t 0-based target columns."""
     logits = jnp.dot(h, items.T, preferred_element_type=jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     ce = lse - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
@@ -64,16 +64,18 @@ def _ce_block(h, items, t, w, want_grad):
         return ce, None, None
     # d/dlogits = w * (softmax - onehot(t)); the one-hot part is a gather/scatter.
     p = (jnp.exp(logits - lse[:, None]) * w[:, None]).astype(h.dtype)
-    w_h = (w[:, None] * h.astype(jnp.float32))
     d_h = jnp.dot(p, items, preferred_element_type=jnp.float32) - w[:, None] * items[t].astype(jnp.float32)
+    if not item_grad:
+        return ce, d_h, None
+    w_h = (w[:, None] * h.astype(jnp.float32))
     d_items = jnp.dot(p.T, h, preferred_element_type=jnp.float32).at[t].add(-w_h)
     return ce, d_h, d_items
 
 
-def _ce_rows(h, items, t, w, chunk, want_grad):
+def _ce_rows(h, items, t, w, chunk, want_grad, item_grad=True):
     n, dim = h.shape
     if chunk is None or chunk >= n:
-        return _ce_block(h, items, t, w, want_grad)
+        return _ce_block(h, items, t, w, want_grad, item_grad)
     n_chunks = -(-n // chunk)
     pad = n_chunks * chunk - n
     # Block c holds rows c, c + n_chunks, c + 2 n_chunks, ...: strided rather than
@@ -84,32 +86,36 @@ def _ce_rows(h, items, t, w, chunk, want_grad):
     unblock = lambda a: jnp.swapaxes(a, 0, 1).reshape((-1,) + a.shape[2:])[:n]
     hs, ts, ws = blocks(h), blocks(t), blocks(w)
 
+    sums_items = want_grad and item_grad
+
     def body(d_items, block):
         h_c, t_c, w_c = block
-        ce, d_h, d_i = _ce_block(h_c, items, t_c, w_c, want_grad)
-        return (d_items + d_i if want_grad else d_items), (ce, d_h)
+        ce, d_h, d_i = _ce_block(h_c, items, t_c, w_c, want_grad, item_grad)
+        return (d_items + d_i if sums_items else d_items), (ce, d_h)
 
-    init = jnp.zeros(items.shape, jnp.float32) if want_grad else jnp.zeros(())
+    init = jnp.zeros(items.shape, jnp.float32) if sums_items else jnp.zeros(())
     d_items, (ce, d_h) = lax.scan(body, init, (hs, ts, ws))
     if not want_grad:
         return unblock(ce), None, None
-    return unblock(ce), unblock(d_h), d_items
+    return unblock(ce), unblock(d_h), (d_items if sums_items else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _ce_sum(h, items, t, w, chunk):
-    """sum_i w_i * CE_i. Its VJP is computed in the forward pass (see module doc)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ce_sum(h, items, t, w, chunk, item_grad=True):
+    """sum_i w_i * CE_i. Its VJP is computed in the forward pass (see module doc); with
+    item_grad=False the items get no gradient and their [V, H] gradient is never formed."""
     return jnp.sum(w * _ce_rows(h, items, t, w, chunk, want_grad=False)[0])
 
 
-def _ce_sum_fwd(h, items, t, w, chunk):
-    ce, d_h, d_items = _ce_rows(h, items, t, w, chunk, want_grad=True)
-    return jnp.sum(w * ce), (d_h.astype(h.dtype), d_items.astype(items.dtype), ce, t)
+def _ce_sum_fwd(h, items, t, w, chunk, item_grad=True):
+    ce, d_h, d_items = _ce_rows(h, items, t, w, chunk, want_grad=True, item_grad=item_grad)
+    d_items = None if d_items is None else d_items.astype(items.dtype)
+    return jnp.sum(w * ce), (d_h.astype(h.dtype), d_items, ce, t)
 
 
-def _ce_sum_bwd(chunk, res, g):
+def _ce_sum_bwd(chunk, item_grad, res, g):
     d_h, d_items, ce, t = res
-    return (g.astype(d_h.dtype) * d_h, g.astype(d_items.dtype) * d_items,
+    return (g.astype(d_h.dtype) * d_h, None if d_items is None else g.astype(d_items.dtype) * d_items,
             jnp.zeros(t.shape, jax.dtypes.float0), g * ce)
 
 
@@ -124,6 +130,28 @@ def softmax_cross_entropy(h, table, targets, weights=None, rng=None, *, chunk: i
     t = jnp.clip(targets - 1, 0, items.shape[0] - 1)
     weights = jnp.where(targets > 0, weights, 0.0)
     total = _ce_sum(h, items, t, weights, chunk)
+    return _finish(total, jnp.sum(weights))
+
+
+def lm_cross_entropy(hidden, table, labels, weights=None, *, chunk: int | None = 256, table_grad: bool = False):
+    """Causal-LM cross-entropy over a whole vocabulary from the final hidden states, without
+    materialising the [tokens, vocab] logits: `chunk` rows at a time (None: all at once).
+
+    hidden [..., d], table [vocab, d] (the output embedding: the tied input table, or the LM
+    head's kernel transposed), labels [...] token ids, negative = no target (e.g. -100), so
+    every id including 0 is a class. With table_grad=False (a frozen output layer, as in LoRA)
+    the table is a constant: its gradient is neither formed nor returned.
+    Returns (loss, {"loss", "weight"}) like the losses above.
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {hidden.shape} and labels {labels.shape} disagree on the leading axes")
+    if table.ndim != 2 or table.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"table must be [vocab, {hidden.shape[-1]}], got {tuple(table.shape)}")
+    h, labels, weights = _flatten(hidden, labels, (labels >= 0) if weights is None else weights)
+    weights = jnp.where(labels >= 0, weights, 0.0)
+    t = jnp.clip(labels, 0, table.shape[0] - 1)
+    table = table.astype(h.dtype) if table_grad else lax.stop_gradient(table.astype(h.dtype))
+    total = _ce_sum(h, table, t, weights, chunk, table_grad)
     return _finish(total, jnp.sum(weights))
 
 

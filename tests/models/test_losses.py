@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec.models.losses import make_loss, sampled_softmax, sasrec_bce, softmax_cross_entropy
+from jaxrec.models.losses import lm_cross_entropy, make_loss, sampled_softmax, sasrec_bce, softmax_cross_entropy
 from jaxrec.sharding import Layout
 
 V, D = 13, 6   # 12 items + pad row
@@ -67,6 +67,40 @@ def test_cross_entropy_defaults_and_metrics():
     lb, gb = jax.jit(jax.value_and_grad(lambda x: softmax_cross_entropy(x, jnp.asarray(table),
                                                                         jnp.asarray(targets))[0]))(hb)
     assert gb.dtype == jnp.bfloat16 and float(lb) == pytest.approx(float(loss), rel=0.03)
+
+
+@pytest.mark.parametrize("chunk", [None, 4, 15])
+def test_lm_cross_entropy_every_token_is_a_class_and_negative_labels_carry_no_loss(chunk):
+    h, table, _ = _data(3)
+    labels = np.random.RandomState(4).randint(0, V, (3, 5))
+    labels[0, 0], labels[1, :2] = 0, -100                # token 0 is a real class; -100: no target
+    valid = labels >= 0
+    logp = _log_softmax(h.astype(np.float64) @ table.astype(np.float64).T)
+    picked = np.take_along_axis(logp, np.maximum(labels, 0)[..., None], -1)[..., 0]
+    expected = -(picked * valid).sum() / valid.sum()
+    p, onehot = np.exp(logp), np.eye(V)[np.maximum(labels, 0)]
+    g = (valid / valid.sum())[..., None] * (p - onehot)   # d(loss)/d(logits)
+
+    def loss(h, t, table_grad):
+        return lm_cross_entropy(h, t, jnp.asarray(labels), chunk=chunk, table_grad=table_grad)[0]
+
+    value, (d_h, d_table) = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=2)(
+        jnp.asarray(h), jnp.asarray(table), True)
+    # float32 over O(1) logits of V = 13 classes: a relative 1e-5 is ~100 ulps.
+    assert float(value) == pytest.approx(expected, rel=1e-5)
+    np.testing.assert_allclose(d_h, g @ table.astype(np.float64), atol=1e-6)
+    np.testing.assert_allclose(d_table, g.reshape(-1, V).T @ h.reshape(-1, D).astype(np.float64), atol=1e-6)
+    frozen = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(jnp.asarray(h), jnp.asarray(table), False)
+    np.testing.assert_array_equal(frozen[0], d_h)
+    assert not np.any(np.asarray(frozen[1]))           # a frozen output layer gets no gradient
+
+
+def test_lm_cross_entropy_rejects_mismatched_shapes():
+    h, table, _ = _data()
+    with pytest.raises(ValueError, match="labels"):
+        lm_cross_entropy(jnp.asarray(h), jnp.asarray(table), jnp.zeros((3, 4), jnp.int32))
+    with pytest.raises(ValueError, match="table"):
+        lm_cross_entropy(jnp.asarray(h), jnp.asarray(table[:, :4]), jnp.zeros((3, 5), jnp.int32))
 
 
 def test_sampled_softmax_matches_numpy_and_masks_accidental_hits():
