@@ -15,12 +15,18 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "nump
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+CPU_VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
 def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
+    cpu, flags = platform.processor() or "unknown", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+            if cpu != "unknown" and flags:
                 break
     except OSError:
         pass
@@ -36,6 +42,8 @@ def machine_info() -> dict:
     except Exception:  # jax missing or not initialisable: record that instead of failing the benchmark
         devices = []
     return {"date": datetime.date.today().isoformat(), "platform": platform.platform(), "cpu": cpu,
+            # Virtual machines of one name differ in vector units, which decide dtype figures.
+            "cpu_vector_flags": sorted(f for f in flags if f in CPU_VECTOR_FLAGS),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "devices": devices,
             "versions": versions}
 

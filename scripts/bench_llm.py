@@ -1,6 +1,7 @@
 """LoRA fine-tuning and KV-cache decoding throughput: jaxrec vs transformers + peft; writes JSON.
 
     python scripts/bench_llm.py                                  # SmolLM2-135M, seq 512, batch 4, bf16 + fp32
+    python scripts/bench_llm.py --dtypes float32,bfloat16 --torch-dtypes float32   # a CPU without AVX512-BF16
     python scripts/bench_llm.py --model PATH/hf_dir_or_file.gguf --dtypes float32 --steps 5
     python scripts/bench_llm.py --seq 64 --batch 1 --steps 1 --decode-tokens 8   # smoke run
 
@@ -11,6 +12,8 @@ alpha 16, no dropout, on all seven projections, AdamW on the adapters only, caus
 loss over the whole sequence. Figures (after one warm-up step, so compile time is
 excluded): training tokens/s = batch·seq·steps / seconds; decode tokens/s = batch·new
 tokens / (generate seconds - prefill seconds), greedy with the KV cache, no early stop.
+Each side and dtype runs in a fresh process (its own peak RSS); the jaxrec side also reports
+the step's model GFLOP/s against a float32 (or bf16) matmul timed in the same process.
 """
 from __future__ import annotations
 
@@ -40,6 +43,37 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def model_flops_per_token(shape: dict, seq: int, rank: int) -> float:
+    """LoRA training FLOPs per token: forward 2·N_matmul + causal attention 2·s·d_attn per layer, the
+    same again for the activation gradients (the frozen base needs no weight gradients), and 3x
+    the adapters' own forward FLOPs. What remat or full (non-causal-skipping) attention
+    recompute is not counted."""
+    d, f, hd = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
+    q, kv = shape["num_heads"] * hd, shape["num_kv_heads"] * hd
+    per_layer = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+                 "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    n_matmul = shape["num_layers"] * sum(a * b for a, b in per_layer.values()) + d * shape["vocab_size"]
+    attention = shape["num_layers"] * 2 * seq * q          # QK^T and AV, causal (half of 4·s·d_attn)
+    adapters = shape["num_layers"] * sum(2 * rank * (a + b) for a, b in per_layer.values())
+    return 2 * (2 * n_matmul + attention) + 3 * adapters
+
+
+def measured_peak_tflops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = min(seconds_of(lambda: f(a).block_until_ready()) for _ in range(repeats))
+    return 2 * n ** 3 / best / 1e12
+
+
+def seconds_of(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,7 +146,13 @@ def bench_jax(args, dtype: str, batch_ids: np.ndarray, prompt: np.ndarray) -> di
 
     generate(), prefill_only()
     gen_s, pre_s = timed(generate, args.decode_repeats), timed(prefill_only, args.decode_repeats)
+    shape = {k: getattr(config, k) for k in ("hidden_size", "intermediate_size", "head_dim", "num_heads",
+                                             "num_kv_heads", "num_layers", "vocab_size")}
+    step_gflops = model_flops_per_token(shape, args.seq, args.rank) * batch_ids.size / step_s / 1e9
+    peak_gflops = measured_peak_tflops(dtype) * 1e3
     return {"train_step_s": step_s, "train_tokens_per_s": batch_ids.size / step_s, "train_compile_s": compile_s,
+            "train_model_gflops_per_s": step_gflops, "matmul_peak_gflops_per_s": peak_gflops,
+            "train_fraction_of_matmul_peak": step_gflops / peak_gflops,
             "decode_s": gen_s - pre_s, "prefill_s": pre_s, "decode_tokens_per_s": prompt.shape[0] * n / (gen_s - pre_s)}
 
 
@@ -165,6 +205,22 @@ def bench_torch(args, dtype: str, batch_ids: np.ndarray, prompt: np.ndarray) -> 
             "torch_threads": torch.get_num_threads()}
 
 
+def run_side(args, side: str, dtype: str) -> dict:
+    """One side and dtype in a fresh process: its own peak RSS, no state shared with the other."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "side.json"
+        argv = [sys.executable, __file__, "--side", side, "--dtypes", dtype, "--out", str(out), "--model", args.model]
+        for name in ("seq", "batch", "steps", "rank", "prompt_len", "decode_batch", "decode_tokens", "decode_repeats"):
+            argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        subprocess.run(argv, check=True)
+        return json.loads(out.read_text())["results"]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="HF checkpoint directory or GGUF file (default: SmolLM2-135M)")
@@ -178,7 +234,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--decode-repeats", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers + peft side")
+    ap.add_argument("--torch-dtypes", default=None,
+                    help="dtypes of the transformers + peft side (default: --dtypes). On a CPU without "
+                         "AVX512-BF16 its bfloat16 autograd takes minutes per step; leave it out there")
     ap.add_argument("--out", default="results/bench_llm.json")
+    ap.add_argument("--side", choices=("jaxrec", "torch_peft"), default=None,
+                    help="run only this side, in this process (the default runs each side and dtype in a "
+                         "process of its own, so each has its own peak RSS)")
     args = ap.parse_args(argv)
     args.model = args.model or default_model()
 
@@ -189,11 +251,18 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(0)
     batch_ids = rng.integers(100, 20000, (args.batch, args.seq)).astype(np.int32)
     prompt = rng.integers(100, 20000, (args.decode_batch, args.prompt_len)).astype(np.int32)
+    if args.side:                                   # one side in this process (the parent reads the JSON)
+        runner = {"jaxrec": bench_jax, "torch_peft": bench_torch}[args.side]
+        results = {dtype: {args.side: runner(args, dtype, batch_ids, prompt)} for dtype in args.dtypes.split(",")}
+        for row in results.values():
+            row[args.side]["peak_rss_mib"] = round(peak_rss_mib(), 1)
+        return write_json(args.out, {"results": results})
     results = {}
+    torch_dtypes = set((args.torch_dtypes or args.dtypes).split(",")) if not args.no_torch else set()
     for dtype in args.dtypes.split(","):
-        row = {"jaxrec": bench_jax(args, dtype, batch_ids, prompt)}
-        if not args.no_torch:
-            row["torch_peft"] = bench_torch(args, dtype, batch_ids, prompt)
+        sides = ["jaxrec"] + (["torch_peft"] if dtype in torch_dtypes else [])
+        row = {side: run_side(args, side, dtype)[dtype][side] for side in sides}
+        if "torch_peft" in row:
             row["ratio_jaxrec_over_torch"] = {
                 k: row["jaxrec"][k] / row["torch_peft"][k] for k in ("train_tokens_per_s", "decode_tokens_per_s")}
         results[dtype] = row
@@ -205,9 +274,10 @@ def main(argv=None) -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     payload = {"benchmark": "llm_lora", "machine": info, "jax_backend": jax.default_backend(),
-               "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "model": Path(args.model).name},
-               "results": results,
-               "peak_rss_mib": round(peak_rss_mib(), 1)}
+               "config": {**{k: v for k, v in vars(args).items() if k not in ("out", "side", "torch_dtypes")},
+                          "torch_dtypes": sorted(torch_dtypes),
+                          "model": Path(args.model).name, "lm_loss_chunk": LM_LOSS_CHUNK},
+               "results": results}
     print("wrote", write_json(args.out, payload))
     return payload
 

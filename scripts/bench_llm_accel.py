@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_llm import PROJECTIONS, lora_train_step  # noqa: E402  (one definition of the timed step)
+from bench_llm import (  # noqa: E402  (one definition of the timed step and its FLOP count)
+    PROJECTIONS, lora_train_step, measured_peak_tflops, model_flops_per_token, seconds_of)
 
 PRESETS = {
     # Llama-3.2-1B's shapes (tied embeddings, grouped-query attention).
@@ -43,34 +43,6 @@ PRESETS = {
 # Dense bfloat16 peak, TFLOP/s, by device kind substring (vendor data sheets, no sparsity).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0,
                     "TPU v5 lite": 197.0, "TPU v5": 459.0, "TPU v4": 275.0}
-
-
-def model_flops_per_token(shape: dict, seq: int, rank: int) -> float:
-    """LoRA training FLOPs per token (see the module docstring)."""
-    d, f, hd = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
-    q, kv = shape["num_heads"] * hd, shape["num_kv_heads"] * hd
-    per_layer = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-                 "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
-    n_matmul = shape["num_layers"] * sum(a * b for a, b in per_layer.values()) + d * shape["vocab_size"]
-    attention = shape["num_layers"] * 2 * seq * q          # QK^T and AV, causal (half of 4·s·d_attn)
-    adapters = shape["num_layers"] * sum(2 * rank * (a + b) for a, b in per_layer.values())
-    return 2 * (2 * n_matmul + attention) + 3 * adapters
-
-
-def measured_peak_tflops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
-    import jax
-    import jax.numpy as jnp
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = min(_time(lambda: f(a).block_until_ready()) for _ in range(repeats))
-    return 2 * n ** 3 / best / 1e12
-
-
-def _time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def peak_tflops(args) -> tuple[float, str]:
@@ -117,8 +89,8 @@ def bench_jaxrec(args, shape: dict, ids: np.ndarray) -> dict:
             state["trainable"], state["opt"], loss = train_step(state["trainable"], state["opt"], frozen, batch)
             return float(loss)
 
-        compile_s = _time(step)
-        times = [_time(step) for _ in range(args.steps)]
+        compile_s = seconds_of(step)
+        times = [seconds_of(step) for _ in range(args.steps)]
     loss = step()
     if not np.isfinite(loss):
         raise SystemExit(f"jaxrec: the loss is {loss} (a broken run, not a benchmark)")
@@ -162,8 +134,8 @@ def bench_torch(args, shape: dict, ids: np.ndarray) -> dict:
             torch.cuda.synchronize()
         return float(loss.detach())
 
-    first_s = _time(step)
-    times = [_time(step) for _ in range(args.steps)]
+    first_s = seconds_of(step)
+    times = [seconds_of(step) for _ in range(args.steps)]
     return {"first_step_s": first_s, "step_s": min(times), "device": device, "final_loss": step()}
 
 

@@ -130,14 +130,15 @@ def _grouped_attention_fwd(q, k, v, mask):
 
 def _grouped_attention_bwd(residuals, d_out):
     q, k, v, mask, p = residuals
-    f32 = jnp.float32
-    d_p = jnp.einsum("bkgtd,bksd->bkgts", d_out, v, preferred_element_type=f32)
-    p32 = p.astype(f32)
+    # Each dot returns its inputs' dtype, as autodiff's would: XLA:CPU has no bf16 x bf16 -> f32
+    # dot for these shapes. The softmax step runs in float32.
+    d_p = jnp.einsum("bkgtd,bksd->bkgts", d_out, v).astype(jnp.float32)
+    p32 = p.astype(jnp.float32)
     d_s = p32 * (d_p - jnp.sum(d_p * p32, axis=-1, keepdims=True))
     d_s = jnp.where(mask[:, None, None], d_s, 0.0).astype(q.dtype)
-    d_q = jnp.einsum("bkgts,bksd->bkgtd", d_s, k, preferred_element_type=f32)
-    d_k = jnp.einsum("bkgtd,bkgts->bkds", q, d_s, preferred_element_type=f32)
-    d_v = jnp.einsum("bkgtd,bkgts->bkds", d_out, p, preferred_element_type=f32)
+    d_q = jnp.einsum("bkgts,bksd->bkgtd", d_s, k)
+    d_k = jnp.einsum("bkgtd,bkgts->bkds", q, d_s)
+    d_v = jnp.einsum("bkgtd,bkgts->bkds", d_out, p)
     return (d_q.astype(q.dtype), jnp.swapaxes(d_k, -1, -2).astype(k.dtype),
             jnp.swapaxes(d_v, -1, -2).astype(v.dtype), None)
 
