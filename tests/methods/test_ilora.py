@@ -18,7 +18,7 @@ from jaxrec.methods.ilora.metrics import candidate_ranks, generation_metrics, ge
 from jaxrec.methods.ilora.modules import ResNetRouter, apply_gate, build_gate, splice_items
 from jaxrec.methods.ilora.optim import ilora_optimizer
 from jaxrec.methods.ilora.prompts import PromptEncoder
-from jaxrec.methods.ilora.task import ILoRAConfig, lora_config
+from jaxrec.methods.ilora.task import ILoRAConfig, lora_config, resolve_compute_dtype
 from jaxrec.models.lora import LoRADense, merge_trainable
 from tests.methods.ilora_fixtures import item_names, make_tiny_llm
 
@@ -481,3 +481,10 @@ def test_movielens_1m_files_build_a_llara_directory(tmp_path, capsys):
     assert "The Movie 4" in titles and "Caf\xe9" in titles
     assert build([str(tmp_path / "out"), str(tmp_path / "again")]) == 2
     assert "no timestamped ratings" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
+def test_auto_compute_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators():
+    assert resolve_compute_dtype("auto", "cpu") == "float32"
+    assert resolve_compute_dtype("auto", "gpu") == "bfloat16" and resolve_compute_dtype("auto", "tpu") == "bfloat16"
+    assert resolve_compute_dtype("bfloat16", "cpu") == "bfloat16"      # an explicit choice is kept
+    assert resolve_compute_dtype("auto") == ("float32" if jax.default_backend() == "cpu" else "bfloat16")

@@ -44,8 +44,10 @@ BASELINES = ("sasrec", "untuned")
 @dataclasses.dataclass(frozen=True)
 class ILoRAConfig:
     base_model: str = "smollm2"           # HF directory, GGUF file, or a packaged name ("smollm2")
-    dtype: Literal["float32", "bfloat16"] = "float32"      # compute dtype of the LLM
-    param_dtype: str = ""                  # storage dtype of the frozen base ("" = dtype)
+    # Compute dtype of the LLM. auto: float32 on CPU (no native bf16 dot on the CPUs measured,
+    # docs/llm.md "Benchmark"), bfloat16 on GPU/TPU; adapters and optimizer state stay float32.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    param_dtype: str = ""                  # storage dtype of the frozen base ("" = the compute dtype)
     remat: bool = False                    # recompute each decoder layer in the backward pass
     guide: str = ""                        # run directory of the SASRec guide (`task: seqrec`)
     domain: Literal["artist", "movie", "game"] = "artist"   # prompt templates
@@ -91,6 +93,13 @@ class ILoRAConfig:
         assert self.gate in GATES and self.domain in DOMAINS
 
 
+def resolve_compute_dtype(dtype: str, backend: str | None = None) -> str:
+    """`model.dtype: auto` → float32 on CPU, bfloat16 on an accelerator; explicit dtypes pass."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+
+
 def lora_config(m: ILoRAConfig) -> LoraConfig:
     """E experts of rank r/E on the target projections, scale alpha / (r/E) (the official
     MoE-LoRA scaling); E = 1 is LLaRA's LoRA with scale alpha / r."""
@@ -127,7 +136,8 @@ class ILoRATask(Task):
         self.examples = {split: examples_from_store(s, m.max_history, m.min_history) for split, s in self.stores.items()}
 
         self.base_path = resolve_model_path(m.base_model)
-        self.llm_config = load_config(self.base_path, dtype=m.dtype, param_dtype=m.param_dtype or m.dtype,
+        dtype = resolve_compute_dtype(m.dtype)
+        self.llm_config = load_config(self.base_path, dtype=dtype, param_dtype=m.param_dtype or dtype,
                                       lora=lora_config(m), remat=m.remat)
         self.model = Llama(self.llm_config)
         self.base_model = Llama(self.llm_config.with_lora(None))
