@@ -15,6 +15,9 @@ combine micro-batches exactly. `make_loss(name, **options)` picks one by config 
   pass; `chunk` rows at a time bounds the transient [chunk, V] block too (and on CPU
   is also faster: the block stays in cache). `scripts/bench_step.py --setting ce`
   measures time and temporary memory against plain autodiff.
+- `lm_cross_entropy` (not a next-item loss, so not in LOSSES): the same chunked rule for a
+  causal LM, where every row of the output table is a class and a negative label means
+  "no target"; a frozen table (LoRA) gets no [V, H] gradient at all.
 - "sampled_softmax": n uniform negatives (with replacement) shared by the whole batch,
   logQ-corrected, accidental hits of the positive masked.
 - "bce": SASRec's loss, one uniform negative per position, negative != positive. The
@@ -133,7 +136,7 @@ def softmax_cross_entropy(h, table, targets, weights=None, rng=None, *, chunk: i
     return _finish(total, jnp.sum(weights))
 
 
-def lm_cross_entropy(hidden, table, labels, weights=None, *, chunk: int | None = 256, table_grad: bool = False):
+def lm_cross_entropy(hidden, table, labels, weights=None, *, chunk: int | None = 512, table_grad: bool = False):
     """Causal-LM cross-entropy over a whole vocabulary from the final hidden states, without
     materialising the [tokens, vocab] logits: `chunk` rows at a time (None: all at once).
 
