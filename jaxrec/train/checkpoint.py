@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -38,23 +39,50 @@ class _DropUntrackedSaveWarning(logging.Filter):
 logging.getLogger("absl").addFilter(_DropUntrackedSaveWarning())
 
 
+def _is_closed_loop_callback(exc: BaseException | None, in_asyncio: bool = False) -> bool:
+    """The RuntimeError a late callback gets from a closed asyncio loop; with `in_asyncio`, only
+    when raised inside asyncio itself (so a program's own uncaught error is never hidden)."""
+    if not (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)):
+        return False
+    if not in_asyncio:
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.join("asyncio", "") in tb.tb_frame.f_code.co_filename
+
+
 def _quiet_reads_of_abandoned_restores() -> None:
     """After a restore fails, TensorStore completes the reads still in flight and calls back
     into the asyncio loop Orbax has already closed; each callback reports "Event loop is
-    closed" through `sys.unraisablehook` (dozens of tracebacks for one damaged file), and
-    asyncio logs the failed read tasks. Those are dropped (the quarantine warning has
-    said what failed); every other unraisable exception goes to the previous hook."""
+    closed" (dozens of tracebacks for one damaged file), and asyncio logs the failed read
+    tasks. Those are dropped (the quarantine warning says what failed). Installed before the
+    first read, not after a failure: under load a read can finish between the failure and the
+    quarantine. The callbacks surface through `sys.unraisablehook`, or through
+    `threading.excepthook` / `sys.excepthook` when they run on a thread of their own; every
+    other exception goes to the previous hook."""
     previous = sys.unraisablehook
     if getattr(previous, "_jaxrec_quiet", False):
         return
 
-    def hook(unraisable):
-        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
-            return
-        previous(unraisable)
+    def unraisable_hook(unraisable):
+        if not _is_closed_loop_callback(unraisable.exc_value):
+            previous(unraisable)
 
-    hook._jaxrec_quiet = True
-    sys.unraisablehook = hook
+    previous_thread_hook = threading.excepthook
+
+    def thread_hook(args):
+        if not _is_closed_loop_callback(args.exc_value, in_asyncio=True):
+            previous_thread_hook(args)
+
+    previous_excepthook = sys.excepthook
+
+    def excepthook(exc_type, exc_value, tb):
+        if not _is_closed_loop_callback(exc_value, in_asyncio=True):
+            previous_excepthook(exc_type, exc_value, tb)
+
+    unraisable_hook._jaxrec_quiet = True
+    sys.unraisablehook, threading.excepthook, sys.excepthook = unraisable_hook, thread_hook, excepthook
     # The failed read tasks themselves are reported again when garbage-collected.
     logging.getLogger("asyncio").addFilter(_DropAbandonedReadTasks())
 
@@ -138,6 +166,7 @@ class RunCheckpoints:
         """The first of `steps` that restores cleanly, or None. Every read of a checkpoint's
         state goes through here: a damaged one is quarantined (skipped, when the run is
         read-only) with a one-line warning, and the next is tried."""
+        _quiet_reads_of_abandoned_restores()
         for step in steps:
             try:
                 return step, self.restore(step, abstract_state, data_iterator)
@@ -151,6 +180,7 @@ class RunCheckpoints:
 
     def newest_readable_json(self, item: str) -> tuple[int, Any] | None:
         """(step, JSON item) of the newest checkpoint whose `item` reads; damaged ones are quarantined."""
+        _quiet_reads_of_abandoned_restores()
         for step in reversed(self.steps()):
             try:
                 return step, self.read_json(step, item)

@@ -273,3 +273,33 @@ def test_truncated_checkpoint_is_one_warning_not_a_wall_of_tracebacks(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "checkpoint" in out.stderr and "20 could not be restored" in out.stderr
     assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr
+
+
+def test_late_callbacks_into_a_closed_loop_are_dropped_and_nothing_else(monkeypatch, capsys):
+    """The damaged-checkpoint hooks drop only asyncio's own "Event loop is closed" errors, on
+    every channel a late TensorStore callback can take; they are installed before any read."""
+    import asyncio
+    import sys
+    import threading
+
+    from jaxrec.train.checkpoint import _quiet_reads_of_abandoned_restores
+
+    printed = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: printed.append(("unraisable", u.exc_value)))
+    monkeypatch.setattr(threading, "excepthook", lambda a: printed.append(("thread", a.exc_value)))
+    monkeypatch.setattr(sys, "excepthook", lambda t, v, tb: printed.append(("main", v)))
+    _quiet_reads_of_abandoned_restores()
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        late = e
+    own = RuntimeError("Event loop is closed")            # raised by a program, not by asyncio
+    other = ValueError("a real error")
+    sys.excepthook(type(late), late, late.__traceback__)
+    threading.excepthook(threading.ExceptHookArgs((type(late), late, late.__traceback__, None)))
+    sys.excepthook(RuntimeError, own, None)
+    threading.excepthook(threading.ExceptHookArgs((ValueError, other, None, None)))
+    assert printed == [("main", own), ("thread", other)]
