@@ -217,7 +217,10 @@ def run_side(args, side: str, dtype: str) -> dict:
         argv = [sys.executable, __file__, "--side", side, "--dtypes", dtype, "--out", str(out), "--model", args.model]
         for name in ("seq", "batch", "steps", "rank", "prompt_len", "decode_batch", "decode_tokens", "decode_repeats"):
             argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-        subprocess.run(argv, check=True)
+        code = subprocess.run(argv).returncode
+        if code != 0:
+            raise SystemExit(f"bench_llm: the {side} side ({dtype}) failed with exit code {code} (its output is "
+                             "above); nothing was written")
         return json.loads(out.read_text())["results"]
 
 
