@@ -35,14 +35,15 @@ def default_model() -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def seconds_of(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def timed(fn, repeats: int) -> float:
     """Fastest of `repeats` calls: on a shared machine the minimum is the least disturbed."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(seconds_of(fn) for _ in range(repeats))
 
 
 def model_flops_per_token(shape: dict, seq: int, rank: int) -> float:
@@ -66,14 +67,7 @@ def measured_peak_tflops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
-    best = min(seconds_of(lambda: f(a).block_until_ready()) for _ in range(repeats))
-    return 2 * n ** 3 / best / 1e12
-
-
-def seconds_of(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return 2 * n ** 3 / timed(lambda: f(a).block_until_ready(), repeats) / 1e12
 
 
 # ---------------------------------------------------------------------------------------

@@ -123,8 +123,7 @@ class LoRADense(nn.Module):
             if gates is None:
                 raise ValueError(f"this MoE-LoRA adapter has {lora.num_experts} experts: pass lora_gates [batch, E]")
             g = expand_gates(gates, lora).astype(self.dtype)
-            z = (z.reshape(*lead, lora.rank) * g.reshape(g.shape[:1] + (1,) * (len(lead) - 1) + g.shape[1:])
-                 ).reshape(-1, lora.rank)
+            z = (z.reshape(lead[0], -1, lora.rank) * g[:, None, :]).reshape(-1, lora.rank)   # one gate per example
         y = y + jnp.dot(z, b.astype(self.dtype)) * jnp.asarray(lora.scale, self.dtype)
         return y.reshape(*lead, self.features)
 

@@ -56,9 +56,9 @@ def _quiet_reads_of_abandoned_restores() -> None:
     """After a restore fails, TensorStore completes the reads still in flight and calls back
     into the asyncio loop Orbax has already closed; each callback reports "Event loop is
     closed" (dozens of tracebacks for one damaged file), and asyncio logs the failed read
-    tasks. Those are dropped (the quarantine warning says what failed). Installed before the
-    first read, not after a failure: under load a read can finish between the failure and the
-    quarantine. The callbacks surface through `sys.unraisablehook`, or through
+    tasks. Those are dropped (the quarantine warning says what failed). Installed when a
+    manager opens, before any read, not after a failure: under load a read can finish between
+    the failure and the quarantine. The callbacks surface through `sys.unraisablehook`, or through
     `threading.excepthook` / `sys.excepthook` when they run on a thread of their own; every
     other exception goes to the previous hook."""
     previous = sys.unraisablehook
@@ -118,6 +118,8 @@ class RunCheckpoints:
         self._open()
 
     def _open(self) -> None:
+        # Every read goes through this manager: quiet its abandoned reads before the first one.
+        _quiet_reads_of_abandoned_restores()
         self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     # ------------------------------------------------------------------ saving
@@ -166,7 +168,6 @@ class RunCheckpoints:
         """The first of `steps` that restores cleanly, or None. Every read of a checkpoint's
         state goes through here: a damaged one is quarantined (skipped, when the run is
         read-only) with a one-line warning, and the next is tried."""
-        _quiet_reads_of_abandoned_restores()
         for step in steps:
             try:
                 return step, self.restore(step, abstract_state, data_iterator)
@@ -180,7 +181,6 @@ class RunCheckpoints:
 
     def newest_readable_json(self, item: str) -> tuple[int, Any] | None:
         """(step, JSON item) of the newest checkpoint whose `item` reads; damaged ones are quarantined."""
-        _quiet_reads_of_abandoned_restores()
         for step in reversed(self.steps()):
             try:
                 return step, self.read_json(step, item)
@@ -189,7 +189,6 @@ class RunCheckpoints:
         return None
 
     def quarantine(self, step: int, error: BaseException) -> None:
-        _quiet_reads_of_abandoned_restores()
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         # A reader (evaluate, export) moves it too when it may, but never opens a writable
         # Orbax manager, which would clean up the temporary files of a training writing now.
