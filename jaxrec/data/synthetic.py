@@ -106,7 +106,7 @@ def make_synthetic(config: SyntheticConfig | None = None) -> InteractionStore:
 def synthetic_world(config: SyntheticConfig) -> SyntheticWorld:
     config.validate()
     rng = np.random.default_rng(config.seed)
-    K, T, n_items = config.n_contexts, config.n_topics, config.n_items
+    T, n_items = config.n_topics, config.n_items
     item_topic, successor, item_probs = _structure(config, rng)
 
     mu = np.log(config.mean_length) - config.length_spread ** 2 / 2

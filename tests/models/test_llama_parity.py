@@ -1,5 +1,4 @@
 """Logit and greedy-decoding parity with transformers' PyTorch models (tiny random configs)."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec.models.encoder import build_sequence_model, item_table
+from jaxrec.models.encoder import build_sequence_model
 from jaxrec.models.layers import hash_bits, hash_dropout
 from jaxrec.models.sasrec import SASRecBlock
 from jaxrec.sharding import Layout

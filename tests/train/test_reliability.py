@@ -3,7 +3,6 @@ checkpoints, evaluation from elsewhere or on other data, environment errors, the
 SIGTERM. Each test reproduces a case that used to misbehave (see docs/training.md)."""
 import dataclasses
 import errno
-import json
 import logging
 import os
 import signal

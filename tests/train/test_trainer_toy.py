@@ -1,7 +1,5 @@
 import json
 
-import jax
-import numpy as np
 import pytest
 
 import tests.train.toy_task  # noqa: F401  (registers the toy task)

@@ -1,8 +1,6 @@
 """Hugging Face directory loading: dtypes, streaming placement, tokenizers, and errors that name the culprit."""
 import json
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
