@@ -418,7 +418,9 @@ def run_vs_speed(side, backbone, method, official_dir: Path, runs_dir: Path, thr
     protocol (the official code also tests both splits at every round; jaxrec validates, and
     tests once at the end). start-up = whole run - 20 x steady (data loading, compilation,
     the final tests); per_epoch_at_101 spreads it over the official 101 epochs."""
+    import os
     seed = 100
+    load_before = os.getloadavg()[0]
     r = run_vs_process(side, backbone, method, seed, official_dir, runs_dir, threads, "speed")
     epochs, eval_every = VS_BUDGETS["speed"]
     if side == "official":
@@ -431,7 +433,8 @@ def run_vs_speed(side, backbone, method, official_dir: Path, runs_dir: Path, thr
     startup = r["seconds"] - epochs * steady
     return {"side": side, "backbone": backbone, "method": method, "threads": threads, "epochs": epochs,
             "seconds": round(r["seconds"], 2), "steady_seconds_per_epoch": steady, "startup_seconds": startup,
-            "per_epoch_at_101": steady + startup / VS_EPOCHS}
+            "per_epoch_at_101": steady + startup / VS_EPOCHS,
+            "load_average_before": round(load_before, 2)}   # other work on the machine skews both sides
 
 
 SPEED_PROTOCOL = ("20 epochs evaluated at 10 and 20, seed 100, {threads} core(s) per job (CPU affinity of all the "
@@ -620,7 +623,9 @@ def vs_speed(args, report: dict, out: Path, official_dir: Path, runs_dir: Path) 
             continue
         for side in args.sides:
             key = f"{side}/{backbone}/{method}"
-            if key in report.get("speed", {}) and "error" not in report["speed"][key]:
+            if args.remeasure_speed:
+                (runs_dir / f"{vs_run_name(side, backbone, method, 100, 'speed')}.json").unlink(missing_ok=True)
+            elif key in report.get("speed", {}) and "error" not in report["speed"][key]:
                 continue
             print(f"== speed {key}", flush=True)
             try:
@@ -664,6 +669,8 @@ def main(argv=None) -> int:
     parser.add_argument("--speed", action="store_true",
                         help="--vs-official: time 20 epochs of every variant on both sides (seconds per epoch and "
                              "the speed-up) instead of training the accuracy cells")
+    parser.add_argument("--remeasure-speed", action="store_true",
+                        help="--speed: time every variant again, replacing the entries and raw outputs already there")
     parser.add_argument("--jaxrec-vs-cell", nargs=4, metavar=("BACKBONE", "METHOD", "SEED", "RAW_OUT"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--vs-mode", choices=list(VS_BUDGETS), default="official", help=argparse.SUPPRESS)
