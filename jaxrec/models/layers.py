@@ -138,28 +138,43 @@ def _fmix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def hash_bits(seed: jax.Array, shape: Sequence[int]) -> jax.Array:
+def hash_bits(seed: jax.Array, shape: Sequence[int], within: Sequence[int] | None = None,
+              start: Sequence[int] | None = None) -> jax.Array:
     """uint32 pseudo-random bits, a pure function of (seed[2], element index).
 
     Two finaliser rounds keyed by the two seed words: elements of one call are
     independent-looking; calls with different seeds are decorrelated even where their
     index ranges overlap (the second key enters after the first mix). Not a
     cryptographic generator; good enough for dropout masks, not for sampling data.
+
+    With `within` (a larger shape) and `start` (an offset into it), the bits are those of
+    the window `shape` at `start` of a call on the whole `within`, so a computation done in
+    blocks draws exactly the mask of the unblocked one.
     """
-    size = math.prod(shape)
+    within = tuple(shape) if within is None else tuple(within)
+    size = math.prod(within)
     if size >= 2**32:
         raise ValueError(f"hash_bits: {size} elements exceed the 32-bit counter")
     seed = seed.astype(jnp.uint32)
-    idx = lax.iota(jnp.uint32, size).reshape(tuple(shape))
+    if start is None and within == tuple(shape):
+        idx = lax.iota(jnp.uint32, size).reshape(tuple(shape))
+    else:
+        start = (0,) * len(within) if start is None else tuple(start)
+        idx = jnp.zeros(tuple(shape), jnp.uint32)
+        for axis, (offset, extent) in enumerate(zip(start, within)):   # row-major flat index
+            idx = idx * jnp.uint32(extent) + (lax.broadcasted_iota(jnp.uint32, tuple(shape), axis)
+                                              + jnp.uint32(offset))
     return _fmix32(_fmix32(idx ^ seed[0]) + seed[1])
 
 
-def hash_dropout(x: jax.Array, rate: float, seed: jax.Array) -> jax.Array:
-    """Inverted dropout with a `hash_bits` mask: keep probability 1 - rate (to 2^-32)."""
+def hash_dropout(x: jax.Array, rate: float, seed: jax.Array, within: Sequence[int] | None = None,
+                 start: Sequence[int] | None = None) -> jax.Array:
+    """Inverted dropout with a `hash_bits` mask: keep probability 1 - rate (to 2^-32).
+    `within`/`start`: x is a window of a larger array (see `hash_bits`)."""
     threshold = jnp.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
     # XLA re-hashes inside each consumer fusion (forward and backward) instead of storing
     # the mask (XLA:CPU drops optimization barriers before fusion); a few integer ops.
-    keep = hash_bits(seed, x.shape) >= threshold
+    keep = hash_bits(seed, x.shape, within, start) >= threshold
     return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 
@@ -187,9 +202,14 @@ class Dropout(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
+        return hash_dropout(x, self.rate, self.seed())
+
+    def seed(self) -> jax.Array:
+        """The mask seed one `__call__` would use (and advances the stream as it would), for
+        callers that apply one mask in windows (`hash_dropout(..., within, start)`)."""
         if not 0.0 <= self.rate < 1.0:
             raise ValueError(f"dropout rate must be in [0, 1), got {self.rate}")
-        return hash_dropout(x, self.rate, key_seed(self.make_rng("dropout")))
+        return key_seed(self.make_rng("dropout"))
 
 
 def zero_pads(x: jax.Array, valid: jax.Array) -> jax.Array:

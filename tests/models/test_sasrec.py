@@ -81,10 +81,11 @@ def _torch_block(p, x, valid, n_heads, mask_pad_keys):
     return s.numpy()
 
 
-@pytest.mark.parametrize("mask_pad_keys", [False, True])
-def test_block_matches_the_torch_reference(mask_pad_keys):
+@pytest.mark.parametrize("mask_pad_keys,query_block", [(False, 0), (True, 0), (False, 5), (True, 5)])
+def test_block_matches_the_torch_reference(mask_pad_keys, query_block):
     rs = np.random.RandomState(0)
-    block = SASRecBlock(hidden=H, n_heads=2, inner=24, dropout=0.0, mask_pad_keys=mask_pad_keys)
+    block = SASRecBlock(hidden=H, n_heads=2, inner=24, dropout=0.0, mask_pad_keys=mask_pad_keys,
+                        query_block=query_block)      # 5: blocks of 5, 5, 2 queries over L = 12
     valid = jnp.asarray(np.asarray(_inputs(rs)) > 0)
     x = jnp.asarray(rs.randn(4, L, H).astype(np.float32)) * valid[..., None]
     params = _perturbed(nn.unbox(_params())["params"]["levels_0"])
@@ -185,6 +186,43 @@ def test_dropout_is_active_in_training_and_reproducible():
     assert not np.allclose(a, c)
     rbg = run(jax.random.key(3, impl="rbg"))
     assert np.all(np.isfinite(np.asarray(rbg))) and not np.allclose(rbg, a)
+
+
+def test_hash_bits_of_a_window_are_that_window_of_the_whole():
+    seed = jnp.array([5, 9], jnp.uint32)
+    whole = np.asarray(hash_bits(seed, (3, 7, 11)))
+    window = np.asarray(hash_bits(seed, (3, 4, 6), within=(3, 7, 11), start=(0, 2, 0)))
+    np.testing.assert_array_equal(window, whole[:, 2:6, :6])
+
+
+@pytest.mark.parametrize("mask_pad_keys", [False, True])
+def test_query_blocks_give_the_unblocked_attention_with_the_same_dropout_masks(mask_pad_keys):
+    """Training mode (attention dropout on): blocked and unblocked outputs and parameter
+    gradients agree to float32 summation-order rounding, so the blocks draw the same mask."""
+    rs = np.random.RandomState(6)
+    valid = jnp.asarray(np.asarray(_inputs(rs)) > 0)
+    x = jnp.asarray(rs.randn(4, L, H).astype(np.float32)) * valid[..., None]
+    w = jnp.asarray(rs.randn(4, L, H).astype(np.float32))
+    params = _perturbed(nn.unbox(_params())["params"]["levels_0"])
+
+    def run(query_block):
+        block = SASRecBlock(hidden=H, n_heads=2, inner=24, dropout=0.4, mask_pad_keys=mask_pad_keys,
+                            query_block=query_block)
+        def loss(p):
+            y = block.apply({"params": p}, x, valid, deterministic=False, rngs={"dropout": jax.random.key(3)})
+            return (y * w).sum(), y
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (_, full), g_full = run(0)
+    (_, blocked), g_blocked = run(5)
+    no_dropout = SASRecBlock(hidden=H, n_heads=2, inner=24, dropout=0.0, mask_pad_keys=mask_pad_keys).apply(
+        {"params": params}, x, valid)
+    assert not np.allclose(full, no_dropout, atol=1e-3)          # dropout is on
+    # Values are O(1) (layer-normed); sums of <= L + H terms in float32: a few ulps of the scale.
+    np.testing.assert_allclose(blocked, full, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_blocked), jax.tree.leaves(g_full)):
+        scale = max(float(np.abs(b).max()), 1.0)                   # gradients sum over B x L rows
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale)
 
 
 def test_hash_dropout_keeps_the_right_fraction_and_scales():
