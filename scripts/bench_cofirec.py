@@ -6,7 +6,10 @@ Stages (each writes its entry of results/bench_cofirec.json):
               scripts/bench_semantic_ids.py (run its `synthetic` stage first), per seed, under one
               CPU budget: CoFiRec, TIGER and CoFiRec ablations (reversed level order, no level
               embedding, no position embedding, decoder-only backbone). R@5/10, N@5/10, ValidRatio,
-              duplicate rate, beam-vs-exact disagreement, popularity, seconds per epoch.
+              duplicate rate, beam-vs-exact disagreement, popularity, seconds per epoch. The "flat"
+              ablation is TIGER's row (one residual codebook stack over one embedding); the planted
+              hierarchy has no CF level to drop (model.drop_levels=[cf] is a Beauty ablation).
+              Cells already in the JSON are kept; --jobs N runs N cells at once, one core each.
   beauty      Beauty (leave-one-out, full ranking, history <= 20) under one CPU budget per run
               (--beauty-steps x --beauty-batch): TIGER and CoFiRec on the tokenizer runs of
               `bench_semantic_ids.py beauty`, each with the T5 and the decoder-only backbone, per seed,
@@ -17,7 +20,7 @@ Stages (each writes its entry of results/bench_cofirec.json):
               initialisation: the search's cost does not depend on them.
 
     python scripts/bench_semantic_ids.py synthetic      # the tokenizer runs the synthetic stage reads
-    python scripts/bench_cofirec.py synthetic --seeds 0 1 2
+    python scripts/bench_cofirec.py synthetic --seeds 0 1 2 --jobs 2
     python scripts/bench_semantic_ids.py beauty         # the Beauty tokenizer runs the beauty stage reads
     python scripts/bench_cofirec.py beauty --seeds 0 1
     python scripts/bench_cofirec.py beam --data ../shared/data/amazon/Beauty
@@ -26,10 +29,13 @@ Stages (each writes its entry of results/bench_cofirec.json):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,8 +74,12 @@ def _save(key: str, value) -> None:
     update_json(OUT, "bench_cofirec", key, value)
 
 
-def _in_subprocess(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", *args], cwd=REPO, capture_output=True, text=True)
+def _in_subprocess(args: list[str], core: int | None = None) -> dict:
+    """One cell in its own process; with `core`, the child confines itself to that CPU before
+    importing JAX (XLA:CPU sizes its thread pool from the affinity mask, so parallel cells do
+    not contend for each other's core; no preexec_fn, which is unsafe in a threaded parent)."""
+    pin = ["--core", str(core)] if core is not None else []
+    out = subprocess.run([sys.executable, __file__, *pin, "--one", *args], cwd=REPO, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -100,22 +110,49 @@ def _records(config) -> int:
 
 
 def stage_synthetic(args) -> None:
+    """Every (variant, seed) cell not yet in the JSON under this budget, `--jobs` at a time, one
+    core each; a finished cell is saved at once, so an interrupted stage resumes where it stopped."""
     rows = _load().get("synthetic", {"budget": None, "runs": {}})
     budget = [f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.eval_every={args.steps}",
               "train.log_every=50",
               f"model.exact_users={args.exact_users}", "train.progress=false"]
+    if rows["runs"] and rows["budget"] != budget:
+        raise SystemExit(f"{OUT}: its synthetic cells ran under another budget {rows['budget']}; "
+                         "move the file aside to start over")
     rows["budget"] = budget
+    todo = []
     for name in args.variants:
         config, mode, extra = VARIANTS[name]
         for seed in args.seeds:
+            if str(seed) in rows["runs"].get(name, {}):
+                print(f"{name} seed {seed}: done already", flush=True)
+                continue
             tokenizer = REPO / TOKENIZER_RUNS.format(mode=mode, seed=seed)
             if not (tokenizer / "checkpoints").is_dir():
                 raise SystemExit(f"{tokenizer}: missing; run `python scripts/bench_semantic_ids.py synthetic` first")
-            run = _in_subprocess([config, f"model.semantic_ids={tokenizer.relative_to(REPO)}", f"run.seed={seed}",
-                                  f"run.dir=runs/bench_cofirec/synthetic/{name}-{seed}", *budget, *extra])
-            rows["runs"].setdefault(name, {})[str(seed)] = run
-            print(f"{name} seed {seed}: {json.dumps(run['test'])}", flush=True)
+            todo.append((name, seed, [config, f"model.semantic_ids={tokenizer.relative_to(REPO)}", f"run.seed={seed}",
+                                      f"run.dir=runs/bench_cofirec/synthetic/{name}-{seed}", *budget, *extra]))
+    cores = sorted(os.sched_getaffinity(0))
+    jobs = max(1, min(args.jobs, len(cores)))
+    free, lock = list(cores[:jobs]), threading.Lock()
+
+    def run(cell):
+        name, seed, cell_args = cell
+        with lock:
+            core = free.pop()
+        try:
+            result = _in_subprocess(cell_args, core if jobs > 1 else None)
+        finally:
+            with lock:
+                free.append(core)
+        with lock:
+            rows["runs"].setdefault(name, {})[str(seed)] = result
+            rows["summary"] = _summarise(rows["runs"])
             _save("synthetic", rows)
+        print(f"{name} seed {seed}: {json.dumps(result['test'])}", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(run, todo))
     rows["summary"] = _summarise(rows["runs"])
     _save("synthetic", rows)
 
@@ -235,6 +272,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=", ".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=200, help="generator steps per synthetic run (CPU budget)")
     parser.add_argument("--batch-size", type=int, default=128, help="generator batch per synthetic run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="synthetic: cells run in parallel, one core each (timings stay per core)")
     parser.add_argument("--beauty-variants", nargs="+", default=list(BEAUTY_VARIANTS),
                         help=", ".join(BEAUTY_VARIANTS))
     parser.add_argument("--beauty-steps", type=int, default=1000, help="generator steps per Beauty run (CPU budget)")
@@ -249,7 +288,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512, help="users per batched beam-search pass")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--core", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.core is not None:
+        os.sched_setaffinity(0, {args.core})
     if args.one:
         if args.one[0] == "beam":
             result = _beam_one(args.one[1], int(args.one[2]), int(args.one[3]))
