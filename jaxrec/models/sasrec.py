@@ -83,6 +83,8 @@ class SASRecBlock(nn.Module):
         matmuls, so the per-head arrays are born contiguous ([B, L, head_dim]) and the
         batched score/context products have only the batch axis: splitting heads out of
         [B, L, heads, head_dim] instead costs XLA:CPU transposes larger than the math.
+        Queries run in blocks of `query_block` against only the keys they may see
+        (`query_blocks`); each block's dropout mask is its window of the unblocked mask.
         """
         H, n_heads = self.hidden, self.n_heads
         d, L, Lq = H // n_heads, x.shape[1], q_in.shape[1]

@@ -88,7 +88,8 @@ def load_params(ckpt: Any, config: LlamaConfig, *, layout: Layout | None = None)
         if sharding is None:
             flat_params[src.path] = jax.device_put(host, jax.devices()[0])
         else:
-            flat_params[src.path] = jax.make_array_from_callback(target.shape, sharding, lambda idx, host=host: host[idx])
+            flat_params[src.path] = jax.make_array_from_callback(target.shape, sharding,
+                                                                 lambda idx, host=host: host[idx])
         del host
     return traverse_util.unflatten_dict(flat_params)
 
