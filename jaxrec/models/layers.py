@@ -156,10 +156,10 @@ def hash_bits(seed: jax.Array, shape: Sequence[int], within: Sequence[int] | Non
     if size >= 2**32:
         raise ValueError(f"hash_bits: {size} elements exceed the 32-bit counter")
     seed = seed.astype(jnp.uint32)
-    if start is None and within == tuple(shape):
+    start = (0,) * len(within) if start is None else tuple(start)
+    if within == tuple(shape) and not any(start):      # the whole array: one counter
         idx = lax.iota(jnp.uint32, size).reshape(tuple(shape))
     else:
-        start = (0,) * len(within) if start is None else tuple(start)
         idx = jnp.zeros(tuple(shape), jnp.uint32)
         for axis, (offset, extent) in enumerate(zip(start, within)):   # row-major flat index
             idx = idx * jnp.uint32(extent) + (lax.broadcasted_iota(jnp.uint32, tuple(shape), axis)

@@ -31,7 +31,7 @@ from jaxrec.methods.ilora.optim import ilora_optimizer
 from jaxrec.methods.ilora.prompts import DOMAINS, PromptEncoder
 from jaxrec.methods.ilora.records import RecordBuilder, TrainSource
 from jaxrec.methods.seqrec.guide import Guide, guide_upstream
-from jaxrec.models.llama import Llama
+from jaxrec.models.llama import Llama, output_table
 from jaxrec.models.lora import ALL_PROJECTIONS, LoraConfig, split_trainable
 from jaxrec.train.task import EvalSet, Task, Upstream, Variables, register
 from jaxrec.weights.fingerprint import checkpoint_sha256
@@ -292,11 +292,8 @@ class ILoRATask(Task):
 
     def _output_logits(self, llm, hidden):
         dtype = jnp.dtype(self.llm_config.dtype)
-        if self.llm_config.tie_word_embeddings:
-            w = llm["embed_tokens"].astype(dtype)
-            return jnp.einsum("bnd,vd->bnv", hidden.astype(dtype), w, preferred_element_type=jnp.float32)
-        w = llm["lm_head"]["kernel"].astype(dtype)
-        return jnp.einsum("bnd,dv->bnv", hidden.astype(dtype), w, preferred_element_type=jnp.float32)
+        table = output_table(llm, self.llm_config).astype(dtype)
+        return jnp.einsum("bnd,vd->bnv", hidden.astype(dtype), table, preferred_element_type=jnp.float32)
 
     def loss(self, params, frozen, state, batch, rng, clock):
         """Token-mean loss of one (micro-)batch. No `weight` metric is reported, so the
