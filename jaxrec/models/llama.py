@@ -75,9 +75,11 @@ class Attention(nn.Module):
         cfg, det = self.config, self.deterministic
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = _proj(cfg, "q_proj", H * hd, ("embed", "heads"), cfg.qkv_bias, det)(x, gates).reshape(B, T, H, hd)
-        k = _proj(cfg, "k_proj", Hkv * hd, ("embed", "kv_heads"), cfg.qkv_bias, det)(x, gates).reshape(B, T, Hkv, hd)
-        v = _proj(cfg, "v_proj", Hkv * hd, ("embed", "kv_heads"), cfg.qkv_bias, det)(x, gates).reshape(B, T, Hkv, hd)
+        tokens = _token_rows(x)
+        q = _proj(cfg, "q_proj", H * hd, ("embed", "heads"), cfg.qkv_bias, det)(tokens, gates).reshape(B, T, H, hd)
+        k = _proj(cfg, "k_proj", Hkv * hd, ("embed", "kv_heads"), cfg.qkv_bias, det)(tokens, gates)
+        v = _proj(cfg, "v_proj", Hkv * hd, ("embed", "kv_heads"), cfg.qkv_bias, det)(tokens, gates)
+        k, v = k.reshape(B, T, Hkv, hd), v.reshape(B, T, Hkv, hd)
         q = constrain(q, ("batch", "seq", "heads", "kv"))
         k = constrain(k, ("batch", "seq", "kv_heads", "kv"))
         v = constrain(v, ("batch", "seq", "kv_heads", "kv"))
@@ -102,7 +104,9 @@ class Attention(nn.Module):
             p_slots = jnp.full((p_valid.shape[1],), -1)
             pmask = allowed_keys(ctx.q_positions, ctx.q_slots, p_valid, p_pos, p_slots, window)
             prefix = (prefix_k.astype(q.dtype), prefix_v.astype(q.dtype), pmask)
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, prefix)
+        # Without a cache or prefix, queries and keys are the same slots: causal by construction.
+        block = cfg.attention_query_block if cache_k is None and prefix is None else 0
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, prefix, causal_block=block)
         out = constrain(out, ("batch", "seq", "heads", "kv")).reshape(B, T, H * hd)
         return _proj(cfg, "o_proj", cfg.hidden_size, ("heads", "embed"), cfg.o_bias, det)(out, gates), new_kv
 
@@ -114,10 +118,25 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, gates):
         cfg, det = self.config, self.deterministic
-        gate = _proj(cfg, "gate_proj", cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, det)(x, gates)
-        up = _proj(cfg, "up_proj", cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, det)(x, gates)
-        h = constrain(nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        tokens = _token_rows(x)
+        gate = _proj(cfg, "gate_proj", cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, det)(tokens, gates)
+        up = _proj(cfg, "up_proj", cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, det)(tokens, gates)
+        h = constrain(_swiglu(gate, up).reshape(*x.shape[:-1], -1), ("batch", "seq", "mlp"))
         return _proj(cfg, "down_proj", cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, det)(h, gates)
+
+
+def _token_rows(x):
+    """[B, T, d] → [B·T, d] once for all projections that read x: each flattening its own copy
+    made the backward pass keep (and the layer scan stack) one copy per projection."""
+    return x.reshape(-1, x.shape[-1])
+
+
+# Recomputed in the backward pass from its two inputs: autodiff would otherwise keep
+# sigmoid(gate) and silu(gate) as well, two more [tokens, intermediate] arrays per layer that
+# the layer scan stacks and XLA:CPU zero-fills (docs/llm.md, "Profile").
+@partial(jax.checkpoint, prevent_cse=False)
+def _swiglu(gate, up):
+    return nn.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):

@@ -33,7 +33,9 @@ class LlamaConfig:
     `dtype` is the compute dtype (activations, matmul inputs, KV cache); `param_dtype` is
     the dtype of the frozen base weights. LoRA adapters always keep float32 parameters.
     `layer_windows` holds one sliding-window length per layer (0 = full attention), or is
-    empty when no layer uses a window.
+    empty when no layer uses a window. `attention_query_block` > 0 runs full-sequence causal
+    attention (training, scoring without a cache) in query blocks of that many rows, each
+    scored against the keys it can see; 0 scores the whole square (docs/llm.md, "Profile").
     """
 
     vocab_size: int
@@ -60,6 +62,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     lora: LoraConfig | None = None
     remat: bool = False
+    attention_query_block: int = 128
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -70,6 +73,8 @@ class LlamaConfig:
         for key in ("dtype", "param_dtype"):
             if getattr(self, key) not in FLOAT_DTYPES:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be one of {FLOAT_DTYPES}")
+        if self.attention_query_block < 0:
+            raise ValueError(f"attention_query_block={self.attention_query_block} must be >= 0 (0 = no blocks)")
         if self.layer_windows and len(self.layer_windows) != self.num_layers:
             raise UnsupportedModelError(
                 f"{len(self.layer_windows)} sliding windows given for {self.num_layers} layers")

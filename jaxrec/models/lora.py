@@ -85,7 +85,8 @@ class LoRADense(nn.Module):
 
     `axes` are the logical names of the kernel (input axis, output axis); the adapter's
     A and B reuse them with `lora_rank` in between, so they shard like the kernel.
-    Call with `gates` [batch, E] when the adapter has E > 1 experts; x is [batch, ..., d_in].
+    Call with `gates` [batch, E] when the adapter has E > 1 experts; x is [batch, ..., d_in]
+    or, flattened, [batch·tokens, d_in] with each example's rows together.
     """
 
     features: int
@@ -123,7 +124,8 @@ class LoRADense(nn.Module):
             if gates is None:
                 raise ValueError(f"this MoE-LoRA adapter has {lora.num_experts} experts: pass lora_gates [batch, E]")
             g = expand_gates(gates, lora).astype(self.dtype)
-            z = (z.reshape(lead[0], -1, lora.rank) * g[:, None, :]).reshape(-1, lora.rank)   # one gate per example
+            # One gate per example; x's rows are example-major ([batch, ...] or [batch·T]).
+            z = (z.reshape(g.shape[0], -1, lora.rank) * g[:, None, :]).reshape(-1, lora.rank)
         y = y + jnp.dot(z, b.astype(self.dtype)) * jnp.asarray(lora.scale, self.dtype)
         return y.reshape(*lead, self.features)
 

@@ -5,6 +5,9 @@ the score matrix; the reference below repeats the KV heads and runs plain softma
 head by head, with no custom rule, so the two share nothing but the definition. The LM loss
 that never forms the logits is checked against log-softmax of the logits the model returns.
 """
+import dataclasses
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -85,6 +88,83 @@ def test_bfloat16_gradient_compiles_and_runs_at_training_shapes():
     mask = jnp.asarray(np.tril(np.ones((T, T), bool)))[None].repeat(B, 0)
     grads = jax.jit(jax.grad(lambda q, k, v: attend(q, k, v, mask).astype(jnp.float32).sum(), (0, 1, 2)))(q, k, k)
     assert all(g.dtype == jnp.bfloat16 and bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in grads)
+
+
+def causal_inputs(dtype=jnp.float32, T=11):
+    """T = 11 tokens in query blocks of 4 (the last block is short), 3 query heads per KV head,
+    row 1 left-padded by three slots (its first three queries see no key at all)."""
+    rng = np.random.default_rng(2)
+    B, H, Hkv, hd = 2, 6, 2, 8
+    q = rng.standard_normal((B, T, H, hd)) * hd ** -0.5
+    k, v = rng.standard_normal((2, B, T, Hkv, hd))
+    real = np.ones((B, T), bool)
+    real[1, :3] = False
+    mask = np.tril(np.ones((T, T), bool))[None] & real[:, None, :]
+    d_out = rng.standard_normal((B, T, H, hd)) * mask.any(-1)[:, :, None, None]   # no cotangent on empty rows
+    as_dtype = lambda x: jnp.asarray(x, dtype)
+    return as_dtype(q), as_dtype(k), as_dtype(v), jnp.asarray(mask), as_dtype(d_out)
+
+
+@pytest.mark.parametrize("block", [1, 4, 5])
+def test_causal_blocks_match_autodiff_of_the_per_head_reference(block):
+    q, k, v, mask, d_out = causal_inputs()
+    out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask, causal_block=block), q, k, v)
+    ref, ref_vjp = jax.vjp(lambda q, k, v: per_head_attention(q, k, v, mask), q, k, v)
+    seen = np.asarray(mask.any(-1))                  # a query that sees no key has no defined output
+    # float32 sums of at most T·G·hd = 264 products of O(1) terms, in another order: a few
+    # hundred ulps of the largest magnitude compared.
+    tol = lambda want: 256 * np.finfo(np.float32).eps * float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(np.asarray(out)[seen], np.asarray(ref)[seen], rtol=0, atol=tol(ref))
+    for got, want in zip(vjp(d_out), ref_vjp(d_out)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol(want))
+
+
+def test_causal_blocks_in_bfloat16_follow_the_float32_reference():
+    q, k, v, mask, d_out = causal_inputs(jnp.bfloat16)
+    low = jax.vjp(lambda q, k, v: attend(q, k, v, mask, causal_block=4), q, k, v)[1](d_out)
+    q32, k32, v32, d32 = (x.astype(jnp.float32) for x in (q, k, v, d_out))
+    ref = jax.vjp(lambda q, k, v: per_head_attention(q, k, v, mask), q32, k32, v32)[1](d32)
+    # As the unblocked rule: p and the score gradient are rounded to bf16 once each.
+    for got, want in zip(low, ref):
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=8 * 2.0 ** -8 * scale)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_causal_blocks_compile_and_run_at_training_shapes(dtype):
+    B, T = 2, 512
+    q = jnp.full((B, T, 9, 64), 0.01, dtype)
+    k = jnp.full((B, T, 3, 64), 0.01, dtype)
+    mask = jnp.asarray(np.tril(np.ones((T, T), bool)))[None].repeat(B, 0)
+    loss = lambda q, k, v: attend(q, k, v, mask, causal_block=128).astype(jnp.float32).sum()
+    grads = jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, k)
+    assert all(g.dtype == dtype and bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in grads)
+
+
+def test_the_model_gives_the_same_logits_and_gradients_with_and_without_query_blocks():
+    config = LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=4, lora=LoraConfig(rank=2, targets="q_proj|v_proj|down_proj"),
+                         attention_query_block=3)
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(0, 37, (2, 10)), jnp.int32)
+    attention_mask = jnp.asarray(np.arange(10)[None] >= np.array([[0], [4]]), jnp.int32)   # row 1 left-padded
+    blocked, whole = Llama(config), Llama(dataclasses.replace(config, attention_query_block=0))
+    params = jax.tree.map(lambda x: x + 0.05, nn.unbox(blocked.init(jax.random.key(0), ids)["params"]))
+    trainable, frozen = split_trainable(params)
+
+    def loss(model, trainable):
+        logits = model.apply({"params": merge_trainable(trainable, frozen)}, ids, attention_mask).logits
+        return jnp.sum(jnp.where(attention_mask[:, :, None] > 0, jax.nn.log_softmax(logits), 0.0)), logits
+
+    (value, logits), grads = jax.value_and_grad(partial(loss, blocked), has_aux=True)(trainable)
+    (ref_value, ref_logits), ref_grads = jax.value_and_grad(partial(loss, whole), has_aux=True)(trainable)
+    real = np.asarray(attention_mask, bool)
+    # Same float32 math in another order: ulps of the compared magnitude.
+    tol = lambda want: 256 * np.finfo(np.float32).eps * float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(ref_logits)[real], rtol=0, atol=tol(ref_logits))
+    assert float(value) == pytest.approx(float(ref_value), rel=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol(want))
 
 
 def test_grouped_attention_is_the_layout_attend_uses():
