@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxrec.models.llama import KVCache, Llama
+from jaxrec.models.llama import KVCache, Llama, unstack_layers
 
 TokenMaskFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -94,6 +94,7 @@ def greedy_generate(model: Llama, params, input_ids=None, attention_mask=None, *
     N = max_new_tokens
     cache, logits = _prefill(model, params, input_ids, inputs_embeds, attention_mask, lora_gates, T + N)
     stops = jnp.asarray(stop_token_ids, jnp.int32)
+    step_model, step_params = unstack_layers(model, params)
 
     def cond(state):
         step, _, _, done, _, _ = state
@@ -106,7 +107,7 @@ def greedy_generate(model: Llama, params, input_ids=None, attention_mask=None, *
         out = out.at[:, step].set(tok)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(tok, stops)
-        cache, logits = _decode(model, params, cache, tok, lora_gates)
+        cache, logits = _decode(step_model, step_params, cache, tok, lora_gates)
         return step + 1, cache, logits, done, lengths, out
 
     state = (jnp.zeros((), jnp.int32), cache, logits, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32),
@@ -135,6 +136,7 @@ def beam_search(model: Llama, params, input_ids=None, attention_mask=None, *, in
     cache, logits = cache.repeat(W), jnp.repeat(logits, W, axis=0)
     gates = None if lora_gates is None else jnp.repeat(lora_gates, W, axis=0)
     stops = jnp.asarray(stop_token_ids, jnp.int32)
+    step_model, step_params = unstack_layers(model, params)
     V = logits.shape[-1]
     pad_only = jnp.where(jnp.arange(V) == pad_token_id, 0.0, -jnp.inf)
     # Only beam 0 is live at first, so the first step picks W distinct tokens.
@@ -155,7 +157,7 @@ def beam_search(model: Llama, params, input_ids=None, attention_mask=None, *, in
         lengths = jnp.take_along_axis(lengths, beam, axis=1) + (~was_finished).astype(jnp.int32)
         finished = was_finished | jnp.isin(tok, stops)
         cache = cache.take((jnp.arange(B)[:, None] * W + beam).reshape(-1))
-        cache, logits = _decode(model, params, cache, tok.reshape(-1), gates)
+        cache, logits = _decode(step_model, step_params, cache, tok.reshape(-1), gates)
         return step + 1, cache, logits, top_scores, finished, lengths, tokens
 
     state = (jnp.zeros((), jnp.int32), cache, logits, scores, jnp.zeros((B, W), bool),

@@ -14,6 +14,7 @@ right-padded rows give the same outputs as unpadded ones.
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any
 
@@ -231,10 +232,18 @@ class Llama(nn.Module):
         layer_xs = (None if cache is None else cache.k, None if cache is None else cache.v,
                     None if prefix is None else prefix.k, None if prefix is None else prefix.v, windows)
         layer = nn.remat(DecoderLayer, prevent_cse=False) if cfg.remat else DecoderLayer
-        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
-        h, new_kv = stack(cfg, deterministic, name="layers")(h, layer_xs, ctx, gates)
+        if cfg.scan_layers:
+            stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                            in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            h, new_kv = stack(cfg, deterministic, name="layers")(h, layer_xs, ctx, gates)
+        else:
+            kvs = []
+            for i in range(cfg.num_layers):
+                xs = tuple(None if x is None else x[i] for x in layer_xs)
+                h, kv = layer(cfg, deterministic, name=f"layers_{i}")(h, xs, ctx, gates)
+                kvs.append(kv)
+            new_kv = None if cache is None else tuple(jnp.stack(parts) for parts in zip(*kvs))
         h = RMSNorm(cfg.rms_norm_eps, dtype, jnp.dtype(cfg.param_dtype), name="norm")(h)
 
         out_h = h
@@ -283,6 +292,21 @@ def embed_tokens(params: Any, input_ids: jax.Array, dtype: Any = None) -> jax.Ar
     table = nn.unbox(params["embed_tokens"])
     out = jnp.take(table, input_ids, axis=0)
     return out if dtype is None else out.astype(dtype)
+
+
+def unstack_layers(model: Llama, params: Any) -> tuple[Llama, dict]:
+    """The same model with one module per layer (`layers_0` … `layers_{L-1}`, `scan_layers=False`)
+    and its parameters, each layer's weights a buffer of its own.
+
+    Generation's decode loop uses it: in the scanned model every step slices each layer's
+    weights out of the stacked arrays, and XLA:CPU copies each slice (over half of a decode
+    step; docs/llm.md). Inside a jitted function the slicing here happens once per call."""
+    params = nn.unbox(params)
+    layers = params["layers"]
+    flat = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(model.config.num_layers):
+        flat[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], layers)
+    return Llama(dataclasses.replace(model.config, scan_layers=False)), flat
 
 
 def output_table(params: Any, config: LlamaConfig) -> jax.Array:

@@ -36,6 +36,8 @@ class LlamaConfig:
     empty when no layer uses a window. `attention_query_block` > 0 runs full-sequence causal
     attention (training, scoring without a cache) in query blocks of that many rows, each
     scored against the keys it can see; 0 scores the whole square (docs/llm.md, "Profile").
+    `scan_layers=False` makes each layer a module of its own (`layers_0`, …) instead of one
+    scan over stacked parameters: generation's decode loop runs that way (`unstack_layers`).
     """
 
     vocab_size: int
@@ -63,6 +65,7 @@ class LlamaConfig:
     lora: LoraConfig | None = None
     remat: bool = False
     attention_query_block: int = 128
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxrec.models.generate import beam_search, decode_step, greedy_generate, prefill, score_continuations
-from jaxrec.models.llama import Llama, forward, init_adapters
+from jaxrec.models.llama import Llama, forward, init_adapters, unstack_layers
 from jaxrec.models.lora import ALL_PROJECTIONS, LoraConfig, merge_lora
 from jaxrec.weights import load_pretrained
 from tests.models import llm_fixtures as fx
@@ -50,6 +50,20 @@ def test_cached_decoding_equals_full_forward(tiny, side):
     full = forward(model, params, full_ids, full_mask).logits
     for t, got in enumerate(steps):
         np.testing.assert_allclose(got, full[:, full_ids.shape[1] - 3 + t], atol=2e-5)
+
+
+def test_the_unstacked_model_decodes_like_the_scanned_one(tiny):
+    """Generation's decode loop runs one module per layer on per-layer weights."""
+    _, model, params = tiny
+    ids, mask = prompts("left")
+    fresh_cache = lambda: prefill(model, params, ids, mask, max_length=ids.shape[1] + 1)[0]   # decode_step donates it
+    tokens = jnp.asarray([5, 6, 7], jnp.int32)
+    _, want = decode_step(model, params, fresh_cache(), tokens)
+    step_model, step_params = unstack_layers(model, params)
+    assert "layers" not in step_params and f"layers_{model.config.num_layers - 1}" in step_params
+    _, got = decode_step(step_model, step_params, fresh_cache(), tokens)
+    # The same float32 operations on the same values: only fusion may differ, ulps of the logits.
+    np.testing.assert_allclose(got, want, rtol=0, atol=64 * np.finfo(np.float32).eps * float(jnp.max(jnp.abs(want))))
 
 
 def test_greedy_is_padding_side_invariant_and_accepts_embeddings(tiny):
