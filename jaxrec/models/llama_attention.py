@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxrec.models.layers import query_blocks
 from jaxrec.models.llama_config import LlamaConfig
 
 _NEG = float(np.finfo(np.float32).min)
@@ -167,10 +168,6 @@ grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
 # gradient uses the flash-attention identity Σ_s p·dp = Σ_d out·dout, so the softmax
 # backward needs no reduction over a score-sized tensor, and each block adds its key and
 # value gradients into the prefix it saw (in place; nothing score-sized is padded).
-def _block_bounds(T: int, block: int):
-    return [(start, min(start + block, T)) for start in range(0, T, block)]
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def causal_attention(q, k, v, mask, block):
     """Softmax attention for queries and keys that are the same T slots under a causal mask:
@@ -194,7 +191,7 @@ def _row_mask(mask, start, end, group):
 def _causal_forward(q, k, v, mask, block):
     B, Hkv, T, G, hd = q.shape
     outs, probs = [], []
-    for start, end in _block_bounds(T, block):
+    for start, end in query_blocks(T, block):
         s = jnp.einsum("bkrd,bksd->bkrs", _rows(q, start, end), k[:, :, :end], preferred_element_type=jnp.float32)
         p = jax.nn.softmax(jnp.where(_row_mask(mask, start, end, G), s, _NEG), axis=-1).astype(v.dtype)
         outs.append(jnp.einsum("bkrs,bksd->bkrd", p, v[:, :, :end]).reshape(B, Hkv, end - start, G, hd))
@@ -218,7 +215,7 @@ def _causal_bwd(block, residuals, d_out):
     # Transposed, as in grouped_attention; float32, as each key's gradient sums over blocks.
     d_kt = jnp.zeros((B, Hkv, hd, T), jnp.float32)
     d_vt = jnp.zeros((B, Hkv, hd, T), jnp.float32)
-    for (start, end), p in zip(_block_bounds(T, block), probs):
+    for (start, end), p in zip(query_blocks(T, block), probs):
         d_out_i = _rows(d_out, start, end)
         d_p = jnp.einsum("bkrd,bksd->bkrs", d_out_i, v[:, :, :end]).astype(jnp.float32)
         d_s = p.astype(jnp.float32) * (d_p - _rows(row_dot, start, end))

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrec.models.layers import (Dropout, Linear, LinearWeights, hash_dropout, layer_norm, matmul_rows,
-                                  torch_uniform, torch_xavier_normal, zero_pads)
+                                  query_blocks, torch_uniform, torch_xavier_normal, zero_pads)
 
 # Finite so fully masked rows (pad queries) give a uniform softmax instead of NaN;
 # those rows are zeroed afterwards.
@@ -120,12 +120,3 @@ class SASRecBlock(nn.Module):
             head = matmul_rows(ctx, w_o[i], b_o if i == 0 else None)                      # [B, Lq, H]
             out = head if out is None else out + head
         return out
-
-
-def query_blocks(n_queries: int, block: int) -> list[tuple[int, int]]:
-    """[q0, q1) query ranges of at most `block` (0: one range). Causal attention over blocks
-    skips the future keys of each block: at L = 200 and blocks of 64 the score work (dots,
-    masking, softmax, dropout and their backward) is 65% of the full square."""
-    if block <= 0 or n_queries <= block:
-        return [(0, n_queries)]
-    return [(q0, min(q0 + block, n_queries)) for q0 in range(0, n_queries, block)]
