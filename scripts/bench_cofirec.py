@@ -15,6 +15,9 @@ Stages (each writes its entry of results/bench_cofirec.json):
               `bench_semantic_ids.py beauty`, each with the T5 and the decoder-only backbone, per seed,
               and the T5 on LETTER's released codes. SASRec's row is read from
               results/bench_sasrec_beauty_default.json (same split and full ranking).
+  step        Beauty, LETTER's released codes: seconds per training step of each backbone (LETTER's
+              sizes, batch --beauty-batch) at the full history width and with --length-buckets widths
+              (records of similar length batched together, padding cut to the bucket's width).
   beam        Beauty, LETTER's released codes, the T5 generator at LETTER's sizes: all test users in
               batched jitted passes vs a per-user loop of the same search (users/s). Weights are the
               initialisation: the search's cost does not depend on them.
@@ -239,6 +242,72 @@ def _beam_one(data_dir: str, users_loop: int, batch: int) -> dict:
             "peak_rss_mib": round(peak_rss_mib(), 1)}
 
 
+def _step_one(data_dir: str, backbone: str, length_buckets: int, steps: int, batch: int) -> dict:
+    """Seconds per training step of one backbone on Beauty (LETTER's codes, LETTER's sizes), the
+    real input pipeline and jitted step; every bucket width is compiled before timing starts."""
+    import jax
+    from jaxrec.bench import peak_rss_mib
+    from jaxrec.config import load_config
+    from jaxrec.train import pipeline
+    from jaxrec.train.runs import start_session
+    from jaxrec.train.session import make_train_step
+    from jaxrec.train.state import schedule, with_clipping
+    data = Path(data_dir)
+    config = load_config(REPO / "configs/tiger/beauty_letter_codes.yaml",
+                         [f"data.source={data / 'Beauty.txt'}", f"model.semantic_ids={data / 'letter_Beauty.index.json'}",
+                          f"model.backbone={backbone}", f"data.length_buckets={length_buckets}",
+                          f"train.batch_size={batch}", "run.dir=runs/bench_cofirec/step"])
+    session = start_session(config)
+    task, layout = session.task, session.layout
+    records, buckets = task.train_records(), task.train_buckets()
+    per_epoch = len(records) // batch
+    sched = schedule(config.train, per_epoch)
+    tx = with_clipping(task.optimizer(sched), config.train.grad_clip)
+    make_state, _, shardings = session.state_layout(tx)
+    state = session.init_state(make_state, shardings)
+    stream = pipeline.train_stream(records, batch, 0, None, config.data.num_threads, config.data.prefetch, buckets)
+    step = jax.jit(make_train_step(task, tx, sched, per_epoch), donate_argnums=0)
+    key = jax.random.key(1)
+    widths = set(buckets.widths) if buckets is not None else {None}
+    seen, compile_seconds = set(), 0.0
+    with layout.activate():
+        while seen != widths:                           # compile (and run once) every width
+            host = next(stream)
+            width = next(iter(host.values())).shape[1] if buckets is not None else None
+            started = time.perf_counter()
+            state, metrics = step(state, session.frozen, pipeline.to_global(host, layout), key)
+            jax.block_until_ready(metrics)
+            if width not in seen:
+                compile_seconds += time.perf_counter() - started
+            seen.add(width)
+        started = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = step(state, session.frozen, pipeline.to_global(next(stream), layout), key)
+        jax.block_until_ready(metrics)
+        per_step = (time.perf_counter() - started) / steps
+    return {"backbone": backbone, "length_buckets": length_buckets,
+            "widths": list(buckets.widths) if buckets is not None else [task.m.max_history],
+            "padded_token_fraction": round(buckets.padded_tokens(), 4) if buckets is not None else 1.0,
+            "batch": batch, "records": len(records), "steps_per_epoch": per_epoch, "timed_steps": steps,
+            "seconds_per_step": round(per_step, 3), "seconds_per_epoch": round(per_step * per_epoch, 1),
+            "compile_seconds": round(compile_seconds, 1), "devices": jax.device_count(),
+            "peak_rss_mib": round(peak_rss_mib(), 1)}
+
+
+def stage_step(args) -> None:
+    """Both backbones, each without and with length buckets; one job at a time."""
+    from jaxrec.bench import machine_info
+    rows = _load().get("step", {})
+    rows["machine"] = machine_info()
+    for backbone in ("t5", "decoder"):
+        for n in (1, args.length_buckets):
+            run = _in_subprocess(["step", args.data, backbone, str(n), str(args.step_steps), str(args.beauty_batch)],
+                                 args.core_for_cells)
+            rows[f"{backbone}_buckets{n}"] = run
+            print(json.dumps(run), flush=True)
+            _save("step", rows)
+
+
 def stage_beam(args) -> None:
     run = _in_subprocess(["beam", args.data, str(args.loop_users), str(args.batch)])
     _save("beam", run)
@@ -286,6 +355,10 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "amazon" / "Beauty"))
     parser.add_argument("--loop-users", type=int, default=100, help="users timed in the per-user loop")
     parser.add_argument("--batch", type=int, default=512, help="users per batched beam-search pass")
+    parser.add_argument("--length-buckets", type=int, default=5, help="step: the bucketed setting's widths")
+    parser.add_argument("--step-steps", type=int, default=20, help="step: timed steps per setting")
+    parser.add_argument("--core-for-cells", type=int, default=None,
+                        help="step: pin each measured process to this CPU (default: every core)")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--core", type=int, default=None, help=argparse.SUPPRESS)
@@ -295,17 +368,19 @@ def main() -> None:
     if args.one:
         if args.one[0] == "beam":
             result = _beam_one(args.one[1], int(args.one[2]), int(args.one[3]))
+        elif args.one[0] == "step":
+            result = _step_one(args.one[1], args.one[2], int(args.one[3]), int(args.one[4]), int(args.one[5]))
         else:
             result = _train_one(args.one[0], args.one[1:])
         print(json.dumps(result, default=str))
         return
-    unknown = [s for s in args.stages if s not in ("synthetic", "beauty", "beam")]
+    unknown = [s for s in args.stages if s not in ("synthetic", "beauty", "beam", "step")]
     bad = [v for v in args.variants if v not in VARIANTS] + [v for v in args.beauty_variants
                                                               if v not in BEAUTY_VARIANTS]
     if unknown or bad:
         parser.error(f"unknown stage(s) {unknown} or variant(s) {bad}")
     for stage in args.stages:
-        {"synthetic": stage_synthetic, "beauty": stage_beauty, "beam": stage_beam}[stage](args)
+        {"synthetic": stage_synthetic, "beauty": stage_beauty, "beam": stage_beam, "step": stage_step}[stage](args)
     print(table())
 
 

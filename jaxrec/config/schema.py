@@ -35,6 +35,8 @@ class DataConfig:
     train_windows: Literal["last", "chunks", "prefix"] = "chunks"
     num_threads: int = 2           # Grain read threads
     prefetch: int = 8              # Grain prefetch buffer (batches)
+    length_buckets: int = 1        # tasks with length buckets (generators): batches padded to one of this many
+                                   # widths instead of the full history (1 = always the full width)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ def validate(config: Config, source_of: Callable[[str], str]) -> None:
     require(d.max_len > 0, "data.max_len", "must be positive")
     require(d.min_length >= 3, "data.min_length", "leave-one-out needs at least 3 events (train, valid, test)")
     require(d.lapse >= 0, "data.lapse", "must be >= 0")
+    require(d.length_buckets >= 1, "data.length_buckets", "must be >= 1 (1 = every batch at the full width)")
     require(len(e.ks) > 0 and all(k > 0 for k in e.ks), "eval.ks", "needs positive cut-offs")
     require(e.batch_size > 0 and e.item_chunk > 0, "eval.batch_size", "must be positive")
     try:

@@ -40,6 +40,12 @@ class Evaluator:
         for b, batch in enumerate(pipeline.eval_batches(records, self.batch_size)):
             yield pipeline.to_global(batch, self.layout), min(self.batch_size, total - b * self.batch_size)
 
+    def bucketed_batches(self, records: Any, buckets):
+        """(global batch, record indices of its real rows) in length-bucket order, each batch cut
+        to its bucket's width (`jaxrec.data.buckets`); call inside `layout.activate()`."""
+        for batch, rows in pipeline.bucketed_eval_batches(records, self.batch_size, buckets):
+            yield pipeline.to_global(batch, self.layout), rows
+
     def run(self, eval_set: EvalSet, params: Any, frozen: Any, model_state: Any) -> dict[str, Any]:
         totals: dict[str, np.ndarray] = {}
         with self.layout.activate():

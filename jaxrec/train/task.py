@@ -33,6 +33,7 @@ from jaxrec.config import Config
 from jaxrec.registry import register  # noqa: F401  (tasks register themselves with it)
 
 if TYPE_CHECKING:
+    from jaxrec.data.buckets import LengthBuckets
     from jaxrec.sharding import Layout
 
 # `evaluator` arguments are `jaxrec.train.evaluation.Evaluator`s; that module builds on this
@@ -153,6 +154,14 @@ class Task:
 
     def train_transform(self) -> Callable[[dict, np.random.Generator], dict] | None:
         """Optional per-record random transform, seeded by the record's global index."""
+        return None
+
+    def train_buckets(self) -> "LengthBuckets | None":
+        """Optional length buckets of `train_records()` (`jaxrec.data.buckets.LengthBuckets`):
+        the trainer then batches records of similar length and cuts each batch's left padding
+        to its bucket's width (`data.length_buckets` widths). The loss must give the same value
+        on a cut batch as on the full-width one (padding masked, positions right-aligned).
+        Default: none (every batch at the records' full shape)."""
         return None
 
     def eval_sets(self, stage: str) -> list[EvalSet]:

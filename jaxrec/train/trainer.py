@@ -279,7 +279,7 @@ def _train(config: Config, run_dir: Path, stop_at_step: int | None, restart: boo
     make_state, boxed, state_shardings = session.state_layout(tx)
     try:
         data_iter = pipeline.train_stream(records, cfg.train.batch_size, cfg.run.seed, task.train_transform(),
-                                          cfg.data.num_threads, cfg.data.prefetch)
+                                          cfg.data.num_threads, cfg.data.prefetch, task.train_buckets())
     except ValueError as e:
         raise ConfigError(f"{cfg.source}: train.batch_size: {e}") from None
 

@@ -27,6 +27,7 @@ import optax
 
 from jaxrec.config import Config, ConfigError
 from jaxrec.data.from_config import load_store, make_split
+from jaxrec.data.buckets import LengthBuckets, bucket_widths
 from jaxrec.data.splits import EvalExamples
 from jaxrec.data.windows import popularity_counts
 from jaxrec.eval.metrics import EvalProtocol
@@ -216,10 +217,24 @@ class GeneratorTask(Task):
 
     # ------------------------------------------------------------------ data
     def train_records(self):
-        d = self.config.data
-        if self.m.backbone == "t5":
-            return T5TrainRecords(self.store, self.split.train_end, self.tokens, self.m.max_history)
-        return StreamTrainRecords(self.store, self.split.train_end, self.tokens, self.m.max_history, d.train_windows)
+        if "_train_records" not in self.__dict__:
+            d, m = self.config.data, self.m
+            self._train_records = (T5TrainRecords(self.store, self.split.train_end, self.tokens, m.max_history)
+                                   if m.backbone == "t5" else
+                                   StreamTrainRecords(self.store, self.split.train_end, self.tokens, m.max_history,
+                                                      d.train_windows))
+        return self._train_records
+
+    def train_buckets(self) -> LengthBuckets | None:
+        return self.length_buckets(self.train_records())
+
+    def length_buckets(self, records) -> LengthBuckets | None:
+        """`data.length_buckets` widths over the records' slots (None when it is 1)."""
+        n = self.config.data.length_buckets
+        if n <= 1:
+            return None
+        full = self.m.max_history + (0 if isinstance(records, (T5TrainRecords, GeneratorEvalRecords)) else 1)
+        return LengthBuckets(records.slots, bucket_widths(full, n), records.trim)
 
     def eval_sets(self, stage: str) -> list[EvalSet]:
         if stage not in self._eval_cache:

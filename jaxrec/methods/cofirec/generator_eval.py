@@ -14,8 +14,9 @@ remain). Metrics are computed on the host from the returned item lists:
 - `duplicate_rate`: returned beams repeating an item earlier in the same user's list (0);
 - `beam_exact_disagreement@k`: on the first `exact_users` users, how often the beam's
   top-k set differs from the exact top-k (teacher-forced log-likelihood of every item);
-- `beam_users_per_s`: users searched per second, compile excluded when there are >= 2
-  batches.
+- `beam_users_per_s`: users searched per second over the batches whose shape was compiled
+  already (over all batches, compiles included, when each shape had one batch); with `data.length_buckets` > 1 the users are
+  searched in length-bucket order, each batch cut to its bucket's width.
 """
 from __future__ import annotations
 
@@ -111,21 +112,40 @@ def list_metrics(items: np.ndarray, targets: np.ndarray, n_items: int, ks) -> di
     return out
 
 
-def run_search(task, records, params, tables, evaluator, exclude: bool) -> tuple[np.ndarray, float]:
-    """Item lists [N, W] (item indices, 0 = none) of every record, and users per second."""
-    search, _ = _functions(task, evaluator.layout)
-    out, times, sizes = [], [], []
+def _search_batches(task, records, evaluator):
+    """(global batch, record indices of its real rows): in length-bucket order, each batch cut
+    to its width, when `data.length_buckets` > 1 (the search sees only the history slots it
+    needs; results are the same); else in record order at the full width."""
+    buckets = task.length_buckets(records)
+    if buckets is not None:
+        yield from evaluator.bucketed_batches(records, buckets)
+        return
+    start = 0
     for batch, real in evaluator.batches(records):
+        yield batch, np.arange(start, start + real)
+        start += real
+
+
+def run_search(task, records, params, tables, evaluator, exclude: bool) -> tuple[np.ndarray, float]:
+    """Item lists [N, W] (item indices, 0 = none) of every record, and users per second
+    (the first batch of each shape, which compiles, is not timed when others are)."""
+    search, _ = _functions(task, evaluator.layout)
+    out = np.zeros((len(records), task.m.beam), np.int64)
+    timed = {True: [0.0, 0], False: [0.0, 0]}   # warm (shape seen before) / cold: seconds, users
+    shapes = set()
+    for batch, rows in _search_batches(task, records, evaluator):
         batch.pop("valid", None)
+        shape = batch["history_tokens"].shape
         start = time.perf_counter()
         items = _host(search(params, tables, batch, exclude)[0])
-        times.append(time.perf_counter() - start)
-        sizes.append(real)
-        out.append(items[:real])
-    items = np.concatenate(out)
-    items = np.where(items >= 0, items + 1, 0)   # trie ids are item index - 1
-    warm = slice(1, None) if len(times) > 1 else slice(None)
-    return items, float(sum(sizes[warm]) / max(sum(times[warm]), 1e-9))
+        entry = timed[shape in shapes]
+        entry[0] += time.perf_counter() - start
+        entry[1] += rows.size
+        shapes.add(shape)
+        out[rows] = items[:rows.size]
+    items = np.where(out >= 0, out + 1, 0)       # trie ids are item index - 1
+    seconds, users = timed[True] if timed[True][1] else timed[False]
+    return items, float(users / max(seconds, 1e-9))
 
 
 def disagreement(task, records, beam_items, params, trie, evaluator, exclude: bool, k: int) -> tuple[float, int]:

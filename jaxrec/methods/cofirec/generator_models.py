@@ -95,9 +95,15 @@ def _table(module: nn.Module, name: str, rows: int, dim: int, std: float, first_
                         (rows, dim), jnp.float32)
 
 
-def _stream_pattern(n_slots: int, n_levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """(level, slot) of every position of a flattened [n_slots · n_levels] code stream."""
-    return np.tile(np.arange(n_levels), n_slots), np.repeat(np.arange(n_slots), n_levels)
+def _stream_pattern(n_tokens: int, n_levels: int, n_slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """(level, slot) of every position of a flattened code stream of `n_tokens` tokens that
+    holds the *last* n_tokens / n_levels of `n_slots` right-aligned slots (a batch cut to its
+    length bucket keeps the most recent slots, which keep their slot numbers)."""
+    if n_tokens % n_levels or n_tokens > n_slots * n_levels:
+        raise ValueError(f"a code stream of {n_tokens} tokens is not whole items of {n_levels} codes within "
+                         f"{n_slots} slots")
+    shown = n_tokens // n_levels
+    return np.tile(np.arange(n_levels), shown), np.repeat(np.arange(n_slots - shown, n_slots), n_levels)
 
 
 class CodeT5(nn.Module):
@@ -120,7 +126,7 @@ class CodeT5(nn.Module):
             self.positions = _table(self, "position_embedding", self.max_history, d, std, None)
 
     def _history_embeds(self, tokens):
-        level, slot = _stream_pattern(self.max_history, self.layout.n_levels)
+        level, slot = _stream_pattern(tokens.shape[1], self.layout.n_levels, self.max_history)
         h = self.backbone.embed(tokens)
         if self.level_embedding:
             h = h + self.levels[jnp.asarray(level)].astype(h.dtype)
@@ -129,7 +135,7 @@ class CodeT5(nn.Module):
         return constrain(h, ("batch", "seq", "embed"))
 
     def encode(self, history_tokens, deterministic: bool = True):
-        """history_tokens [B, T·K] → (encoder states [B, T·K, d], mask [B, T·K])."""
+        """history_tokens [B, t·K], the last t <= T slots → (encoder states [B, t·K, d], mask [B, t·K])."""
         mask = history_tokens != PAD
         enc = self.backbone.encode(inputs_embeds=self._history_embeds(history_tokens), attention_mask=mask,
                                    deterministic=deterministic)
@@ -183,15 +189,16 @@ class CodeDecoder(nn.Module):
         return constrain(h, ("batch", "seq", "embed"))
 
     def __call__(self, stream_tokens, deterministic: bool = True):
-        """stream_tokens [B, (T+1)·K] (left-padded) → next-token logits [B, (T+1)·K, vocab]."""
-        level, slot = _stream_pattern(self.max_history + 1, self.layout.n_levels)
+        """stream_tokens [B, t·K] (left-padded; the last t <= T + 1 slots) → next-token logits [B, t·K, vocab]."""
+        level, slot = _stream_pattern(stream_tokens.shape[1], self.layout.n_levels, self.max_history + 1)
         h = self._embeds(stream_tokens, level, slot, deterministic)
         return self.backbone(inputs_embeds=h, attention_mask=stream_tokens != PAD).logits
 
     def prefill(self, history_tokens):
-        """History [B, T·K] → (its KV cache, logits [B, vocab] for the first code of the next item)."""
+        """History [B, t·K] (the last t <= T slots) → (its KV cache, logits [B, vocab] for the first
+        code of the next item)."""
         B, S = history_tokens.shape
-        level, slot = _stream_pattern(self.max_history, self.layout.n_levels)
+        level, slot = _stream_pattern(S, self.layout.n_levels, self.max_history)
         h = self._embeds(history_tokens, level, slot, True)
         out = self.backbone(inputs_embeds=h, attention_mask=history_tokens != PAD,
                             cache=KVCache.create(self.llama, B, S), logit_index=jnp.full((B,), S - 1))

@@ -15,6 +15,9 @@ all pad, so padding items become padding tokens.
 - `GeneratorEvalRecords`: {"history_tokens": int32 [T·K], "target": int32 [] (item
   index), "history": int32 [H] (the full history, right-padded to the store's longest
   sequence, for excluding seen items and for the popularity baseline)}.
+
+Each source's `slots` is the number of item slots each record really fills (its length
+for `jaxrec.data.buckets`: the token fields are left-padded, K tokens per slot).
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ class T5TrainRecords:
     def __init__(self, store, train_end, tokens: np.ndarray, max_history: int):
         self.windows = TrainWindows(store, train_end, max_history, "prefix")
         self.tokens = tokens
+        self.slots = self.windows.ends - self.windows.starts - 1        # history items before the target
+        self.trim = {"history": tokens.shape[1]}
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -41,6 +46,8 @@ class StreamTrainRecords:
         self.windows = TrainWindows(store, train_end, max_history, mode)
         self.tokens = tokens
         self.K = tokens.shape[1]
+        self.slots = self.windows.ends - self.windows.starts             # inputs + the last target
+        self.trim = {"stream": self.K, "weight": self.K}
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -59,6 +66,8 @@ class GeneratorEvalRecords:
         # One history width for every split, so valid and test batches share compiled programs.
         self.records = EvalRecords(store, examples, max_history, history_len)
         self.tokens = tokens
+        self.slots = np.minimum(examples.history_end - self.records.history_start, max_history)
+        self.trim = {"history_tokens": tokens.shape[1]}
 
     def __len__(self) -> int:
         return len(self.records)
