@@ -9,6 +9,14 @@ the codes chosen so far:
 is passed through untouched, once per user: the W beams or prefixes of a user share it,
 and broadcasting it against them is the generator's business (nothing here tiles it).
 
+Incremental generators (a decoder with a KV cache) also keep a per-beam `state`, a pytree
+whose leaves are [B, W, ...]; the beam search then calls
+
+    logprob_fn(context, prefix_codes [B, W, k], state) -> (logp [B, W, V], new state)
+
+and after every step carries each surviving beam's state from its parent beam, so the
+generator only computes the newest code's position instead of the whole prefix.
+
 Beam search (`constrained_beam_search`) runs L static steps, one level per step, as one
 jittable program. An item's score is the sum of its codes' log-probs along the path.
 Rules:
@@ -61,13 +69,16 @@ def _batch_size(context: Any) -> int:
     return sizes.pop()
 
 
-def _logprobs(logprob_fn: LogprobFn, context: Any, prefix_codes: jax.Array, width: int) -> jax.Array:
-    logp = logprob_fn(context, prefix_codes)
+def _logprobs(logprob_fn: Callable, context: Any, prefix_codes: jax.Array, width: int, *state):
+    """logp [B, W, V] float32 (and the new state when a state is given), shape-checked."""
+    out = logprob_fn(context, prefix_codes, *state)
+    logp, new_state = out if state else (out, None)
     expected = prefix_codes.shape[:2] + (width,)
     if logp.shape != expected:
         raise ValueError(f"logprob_fn returned shape {logp.shape} at level {prefix_codes.shape[2]}, "
                          f"expected {expected} (batch, beams or prefixes, trie width)")
-    return constrain(logp.astype(jnp.float32), ("batch", None, None))
+    logp = constrain(logp.astype(jnp.float32), ("batch", None, None))
+    return (logp, new_state) if state else logp
 
 
 def _best(key: jax.Array, k: int) -> jax.Array:
@@ -82,11 +93,17 @@ def _best(key: jax.Array, k: int) -> jax.Array:
     return order[:, :k]
 
 
-def constrained_beam_search(logprob_fn: LogprobFn, context: Any, trie_tables: TrieTables | Trie,
-                            beam: int) -> tuple[jax.Array, jax.Array]:
+def _from_parents(state: Any, parent: jax.Array) -> Any:
+    """Every leaf [B, W, ...] re-indexed so beam j holds its parent beam's entry."""
+    return jax.tree.map(lambda x: jax.vmap(lambda rows, p: rows[p])(x, parent), state)
+
+
+def constrained_beam_search(logprob_fn: Callable, context: Any, trie_tables: TrieTables | Trie,
+                            beam: int, state: Any = None) -> tuple[jax.Array, jax.Array]:
     """The `beam` best items per user: (items [B, W] int32, scores [B, W] float32), best first.
 
-    Dead beams have item -1 and score -inf and come last (see the module rules).
+    Dead beams have item -1 and score -inf and come last (see the module rules). With a
+    `state` (leaves [B, W, ...]) the generator is incremental (see the module docstring).
     """
     if beam < 1:
         raise ValueError(f"beam must be >= 1, got {beam}")
@@ -99,7 +116,10 @@ def constrained_beam_search(logprob_fn: LogprobFn, context: Any, trie_tables: Tr
     prefix_codes = jnp.zeros((n_batch, beam, 0), jnp.int32)
 
     for table in transitions:
-        logp = _logprobs(logprob_fn, context, prefix_codes, width)
+        if state is None:
+            logp = _logprobs(logprob_fn, context, prefix_codes, width)
+        else:
+            logp, state = _logprobs(logprob_fn, context, prefix_codes, width, state)
         child = jnp.asarray(table)[jnp.maximum(prefix_ids, 0)]               # [B, W, V]
         allowed = (child >= 0) & (prefix_ids >= 0)[..., None]
         total = jnp.where(allowed, scores[..., None] + logp, -jnp.inf)
@@ -118,6 +138,8 @@ def constrained_beam_search(logprob_fn: LogprobFn, context: Any, trie_tables: Tr
         new_code = jnp.where(alive, code, 0)
         prefix_codes = jnp.concatenate(
             [jnp.take_along_axis(prefix_codes, parent[..., None], axis=1), new_code[..., None]], axis=2)
+        if state is not None:
+            state = _from_parents(state, parent)
 
         scores = constrain(scores, ("batch", None))
         prefix_ids = constrain(prefix_ids, ("batch", None))

@@ -21,9 +21,10 @@ data/FSDP/tensor parallelism.
 Calls (`model.apply(variables, ..., method=...)`):
 - `encode(input_ids | inputs_embeds, attention_mask)` → encoder states [B, T, d];
 - `decode(encoder_hidden, encoder_mask, decoder_input_ids | decoder_inputs_embeds)` →
-  logits [B·W, S, vocab] by teacher forcing (causal, no KV cache: beam-search prefixes
-  are a few tokens). Decoder row b·W+j reads encoder row b, so W beams per user share
-  one encoder output, whose cross-attention keys/values are computed once per user;
+  logits [B·W, S, vocab] by teacher forcing (causal). Decoder row b·W+j reads encoder
+  row b, so W beams per user share one encoder output, whose cross-attention
+  keys/values are computed once per user; with `past` (a self-attention cache,
+  `empty_cache` to start) it decodes incrementally: only the new positions are computed;
 - `__call__` = encode + decode; `embed(ids)` = the shared table lookup.
 
 transformers-5 quirk: its `T5Config` forces `tie_word_embeddings=True` and keeps the
@@ -144,7 +145,7 @@ class T5(nn.Module):
 
     def decode(self, encoder_hidden: jax.Array, encoder_mask: jax.Array | None = None,
                decoder_input_ids: jax.Array | None = None, *, decoder_inputs_embeds: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+               past: tuple[jax.Array, jax.Array] | None = None, deterministic: bool = True):
         """Teacher-forced decoder logits.
 
         encoder_hidden [B, T, d] and encoder_mask [B, T] from `encode`;
@@ -152,19 +153,27 @@ class T5(nn.Module):
         right (start token first). Row b·W+j attends to encoder row b; W = 1 is ordinary
         teacher forcing. The decoder's self-attention is causal only, so right-padded
         targets need no mask. Returns float32 logits [B·W, S, vocab].
+
+        `past` = (keys, values) [decoder layers, B·W, t, heads, d_kv], the self-attention
+        cache of t positions decoded before (`empty_cache` for t = 0): the inputs continue
+        them at positions t .. t+S-1 and the call returns (logits, the cache extended by S).
         """
         cfg = self.config
         h = self._inputs(decoder_input_ids, decoder_inputs_embeds, "decoder_input")
         if h.shape[0] % encoder_hidden.shape[0]:
             raise ValueError(f"decoder batch {h.shape[0]} is not a multiple of the encoder batch "
                              f"{encoder_hidden.shape[0]}")
-        h = self.decoder(h, None, encoder_hidden.astype(h.dtype), encoder_mask, deterministic=deterministic)
+        h = self.decoder(h, None, encoder_hidden.astype(h.dtype), encoder_mask, past=past,
+                         deterministic=deterministic)
+        if past is not None:
+            h, present = h
         if cfg.tie_word_embeddings:
             h = h * jnp.asarray(cfg.d_model ** -0.5, h.dtype)   # T5 v1.0 rescale before the tied head
             logits = jnp.einsum("bsd,vd->bsv", h, self.shared.astype(h.dtype))
         else:
             logits = self.lm_head(h)
-        return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+        logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+        return logits if past is None else (logits, present)
 
     def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
                  decoder_input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
@@ -173,6 +182,14 @@ class T5(nn.Module):
         enc = self.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, deterministic=deterministic)
         return self.decode(enc, attention_mask, decoder_input_ids, decoder_inputs_embeds=decoder_inputs_embeds,
                            deterministic=deterministic)
+
+
+def empty_cache(config: T5Config, rows: int, dtype: Any = None) -> tuple[jax.Array, jax.Array]:
+    """The decoder's self-attention cache before the first position: (keys, values), each
+    [decoder layers, rows, 0, heads, d_kv] (see `T5.decode`'s `past`)."""
+    shape = (config.num_decoder_layers, rows, 0, config.num_heads, config.d_kv)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 # ---------------------------------------------------------------------------------------

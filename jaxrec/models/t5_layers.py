@@ -130,13 +130,17 @@ class T5Attention(nn.Module):
     boolean broadcastable to [Bk, 1, W·Tq, Tk] (True = may attend). When W > 1 the query
     row b·W+j attends to source row b: the queries are regrouped as [Bk, W·Tq] so keys and
     values are projected once per source row and never tiled.
+
+    `past` (incremental decoding, self-attention only): the keys and values [Bq, t, H, dk]
+    of the t positions decoded before `x`; the new positions' keys and values are appended
+    and the call returns (output, (keys, values) [Bq, t + Tq, H, dk]).
     """
 
     config: Any
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, source, bias, mask):
+    def __call__(self, x, source, bias, mask, past=None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         H, dk, d = cfg.num_heads, cfg.d_kv, cfg.d_model
@@ -149,6 +153,9 @@ class T5Attention(nn.Module):
         q = constrain(proj("q", (d * dk) ** -0.5, x), qkv_axes)
         k = constrain(proj("k", d ** -0.5, source), qkv_axes)
         v = constrain(proj("v", d ** -0.5, source), qkv_axes)
+        if past is not None:
+            k = jnp.concatenate([past[0].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([past[1].astype(v.dtype), v], axis=1)
         Bq, Tq = x.shape[:2]
         Bk = source.shape[0]
         if Bq % Bk:
@@ -166,8 +173,9 @@ class T5Attention(nn.Module):
         probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=self.deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(Bq, Tq, H, dk)
         out = constrain(out, qkv_axes)
-        return HeadProjection((H, dk, d), ("heads", "kv", "embed"), (H * dk) ** -0.5, dtype, name="o")(
+        out = HeadProjection((H, dk, d), ("heads", "kv", "embed"), (H * dk) ** -0.5, dtype, name="o")(
             out, "bthk,hkd->btd")
+        return out if past is None else (out, (k, v))
 
 
 class T5FeedForward(nn.Module):
@@ -209,7 +217,9 @@ class T5Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, h, bias, self_mask, encoder_hidden, cross_mask):
+    def __call__(self, h, bias, self_mask, encoder_hidden, cross_mask, past=None):
+        """(new h, None), or with `past` (this layer's cached self-attention keys and values)
+        (new h, the keys and values extended by h's positions)."""
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
 
@@ -220,13 +230,17 @@ class T5Block(nn.Module):
             return nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
 
         x = norm("self_attn_norm")(h)
-        h = h + drop(T5Attention(cfg, self.deterministic, name="self_attn")(x, x, bias, self_mask))
+        attended = T5Attention(cfg, self.deterministic, name="self_attn")(x, x, bias, self_mask, past)
+        present = None
+        if past is not None:
+            attended, present = attended
+        h = h + drop(attended)
         if self.decoder:
             x = norm("cross_attn_norm")(h)
             h = h + drop(T5Attention(cfg, self.deterministic, name="cross_attn")(
                 x, encoder_hidden, None, cross_mask))
         h = h + drop(T5FeedForward(cfg, self.deterministic, name="mlp")(norm("mlp_norm")(h)))
-        return constrain(h, ("batch", "seq", "embed")), None
+        return constrain(h, ("batch", "seq", "embed")), present
 
 
 class T5Stack(nn.Module):
@@ -240,24 +254,32 @@ class T5Stack(nn.Module):
     decoder: bool = False
 
     @nn.compact
-    def __call__(self, h, mask=None, encoder_hidden=None, encoder_mask=None, *, deterministic: bool = True):
+    def __call__(self, h, mask=None, encoder_hidden=None, encoder_mask=None, *, past=None,
+                 deterministic: bool = True):
         """h [B, T, d] embeddings; mask [B, T] (encoder key padding; ignored by the decoder,
         whose self-attention is causal only); encoder_hidden [Bk, Tk, d] and encoder_mask
-        [Bk, Tk] for the decoder, with B a multiple of Bk. Returns [B, T, d]."""
+        [Bk, Tk] for the decoder, with B a multiple of Bk. Returns [B, T, d].
+
+        `past` (decoder only): (keys, values) [layers, B, t, H, dk] of the t positions decoded
+        before h, which continues them at positions t .. t+T-1; returns (h, the cache extended
+        to t + T positions). Same arithmetic as decoding all t + T positions at once."""
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         B, T = h.shape[:2]
+        done = 0 if past is None else past[0].shape[2]
+        if past is not None and not self.decoder:
+            raise ValueError("only the decoder stack decodes incrementally")
         table = self.param("relative_attention_bias", _normal(cfg.d_model ** -0.5, (None, "heads")),
                            (cfg.relative_attention_num_buckets, cfg.num_heads), jnp.float32)
-        buckets = relative_position_buckets(T, T, not self.decoder, cfg.relative_attention_num_buckets,
-                                            cfg.relative_attention_max_distance)
+        buckets = relative_position_buckets(done + T, done + T, not self.decoder, cfg.relative_attention_num_buckets,
+                                            cfg.relative_attention_max_distance)[done:]
         bias = jnp.take(table, jnp.asarray(buckets), axis=0).transpose(2, 0, 1)[None].astype(dtype)
 
         cross_mask = None
         if self.decoder:
             if encoder_hidden is None:
                 raise ValueError("the decoder stack needs encoder_hidden")
-            self_mask = jnp.asarray(np.tril(np.ones((T, T), bool)))[None, None]
+            self_mask = jnp.asarray(np.tril(np.ones((done + T, done + T), bool))[done:])[None, None]
             Bk, Tk = encoder_hidden.shape[:2]
             enc_mask = jnp.ones((Bk, Tk), bool) if encoder_mask is None else encoder_mask.astype(bool)
             cross_mask = enc_mask[:, None, None, :]
@@ -267,10 +289,12 @@ class T5Stack(nn.Module):
         h = nn.Dropout(cfg.dropout_rate)(h.astype(dtype), deterministic=deterministic)
         h = constrain(h, ("batch", "seq", "embed"))
         depth = cfg.num_decoder_layers if self.decoder else cfg.num_layers
+        scanned = (nn.broadcast,) * 4 + (() if past is None else (0,))
         layers = nn.scan(T5Block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                         in_axes=(nn.broadcast,) * 4, length=depth,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
-        h, _ = layers(cfg, self.decoder, deterministic, name="layers")(h, bias, self_mask, encoder_hidden,
-                                                                        cross_mask)
+                         in_axes=scanned, length=depth, metadata_params={nn.PARTITION_NAME: "layers"})
+        extra = () if past is None else (past,)
+        h, present = layers(cfg, self.decoder, deterministic, name="layers")(h, bias, self_mask, encoder_hidden,
+                                                                              cross_mask, *extra)
         h = T5LayerNorm(cfg.layer_norm_epsilon, dtype, name="final_layer_norm")(h)
-        return nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        return h if past is None else (h, present)

@@ -135,6 +135,32 @@ def test_shared_encoder_beams_equal_tiled_encoder(converted):
     assert np.abs(same[0] - same[W]).max() > 1e-2
 
 
+@pytest.mark.parametrize("case", ["relu-untied", "gated-gelu-tied"])
+def test_incremental_decoding_with_the_cache_equals_teacher_forcing(converted, case):
+    """Decoding one position at a time against the cache (beams sharing a user's encoder
+    output) gives the logits of decoding the whole prefix at once, position by position."""
+    from jaxrec.models.t5 import empty_cache
+    _, config, params = converted(case)
+    B, W, S = 2, 3, 5
+    ids, mask, _ = padded_inputs(np.random.default_rng(4), batch=B)
+    dec = np.random.default_rng(5).integers(2, VOCAB, (B * W, S))
+    model = T5(config)
+    enc = model.apply({"params": params}, ids, mask, method="encode")
+    want = model.apply({"params": params}, enc, mask, dec, method="decode")
+    step = jax.jit(lambda e, m, d, past: model.apply({"params": params}, e, m, d, past=past, method="decode"))
+    # Same products, other groupings (one query row vs all of them): float32 round-off through
+    # the decoder's depth, bounded as in the transformers parity test.
+    tol = 32 * EPS32 * np.sqrt(config.num_decoder_layers * config.d_ff) * np.abs(want).max()
+    past = empty_cache(config, B * W)
+    for t in range(S):
+        got, past = step(enc, mask, dec[:, t:t + 1], past)
+        assert past[0].shape == (config.num_decoder_layers, B * W, t + 1, config.num_heads, config.d_kv)
+        np.testing.assert_allclose(got[:, 0], want[:, t], rtol=0, atol=tol)
+    # Two positions at once continue the cache too.
+    got2, _ = step(enc, mask, dec[:, 3:5], step(enc, mask, dec[:, :3], empty_cache(config, B * W))[1])
+    np.testing.assert_allclose(got2, want[:, 3:5], rtol=0, atol=tol)
+
+
 def test_inputs_embeds_equal_input_ids(converted):
     _, config, params = converted("gated-gelu-untied")
     ids, mask, dec = padded_inputs(np.random.default_rng(3))

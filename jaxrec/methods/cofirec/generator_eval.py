@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxrec.eval.beam_search import constrained_beam_search, exact_item_scores, topk_differs
 from jaxrec.eval.metrics import ranking_metrics
+from jaxrec.methods.cofirec import generator_models as gm
 from jaxrec.methods.cofirec.generator_records import Subset
 
 MISS = np.iinfo(np.int32).max
@@ -42,20 +43,33 @@ def _seen_mask(history: jax.Array, n_rows: int) -> jax.Array:
 
 
 def _excluding_seen(fn, transitions, n_levels: int):
-    """`fn` with the last level's codes that lead to a seen item set to -inf."""
-    def wrapped(context, prefix_codes):
-        logp = fn(context["model"], prefix_codes)
-        k = prefix_codes.shape[-1]
-        if k < n_levels - 1:
-            return logp
-        B = prefix_codes.shape[0]
-        pid = jnp.zeros(prefix_codes.shape[:2], jnp.int32)
-        for j in range(k):                       # walk the trie to the prefix's id
-            pid = jnp.maximum(transitions[j][pid, prefix_codes[..., j]], 0)
-        child = transitions[k][pid]              # [B, W, V] trie item ids, -1 = none
-        seen = jnp.take_along_axis(context["seen"], (child + 1).reshape(B, -1), axis=1).reshape(child.shape)
-        return jnp.where(seen & (child >= 0), -jnp.inf, logp)
+    """`fn` with the last level's codes that lead to a seen item set to -inf (`fn` may be
+    incremental: then it takes and returns the beam state, passed through)."""
+    def wrapped(context, prefix_codes, *state):
+        out = fn(context["model"], prefix_codes, *state)
+        logp, new_state = out if state else (out, None)
+        logp = _mask_seen(logp, context["seen"], prefix_codes, transitions, n_levels)
+        return (logp, new_state) if state else logp
     return wrapped
+
+
+def _mask_seen(logp, seen_mask, prefix_codes, transitions, n_levels: int):
+    """At the last level, -inf for every code whose trie child is an item in `seen_mask`."""
+    k = prefix_codes.shape[-1]
+    if k < n_levels - 1:
+        return logp
+    B = prefix_codes.shape[0]
+    pid = jnp.zeros(prefix_codes.shape[:2], jnp.int32)
+    for j in range(k):                       # walk the trie to the prefix's id
+        pid = jnp.maximum(transitions[j][pid, prefix_codes[..., j]], 0)
+    child = transitions[k][pid]              # [B, W, V] trie item ids, -1 = none
+    seen = jnp.take_along_axis(seen_mask, (child + 1).reshape(B, -1), axis=1).reshape(child.shape)
+    return jnp.where(seen & (child >= 0), -jnp.inf, logp)
+
+
+def _model_only(fn):
+    """`fn` reading the model's part of a search context (`{"model": ...}`)."""
+    return lambda context, prefix_codes, *state: fn(context["model"], prefix_codes, *state)
 
 
 def _functions(task, layout):
@@ -66,23 +80,30 @@ def _functions(task, layout):
         return cache[key]
     n_rows, n_levels, beam = task.ids.n_items + 1, task.ids.n_levels, task.m.beam
 
-    def scorer(params, transitions, batch, exclude):
+    def exact_scorer(params, transitions, batch, exclude):
         context = {"model": task.beam_context(params, batch["history_tokens"])}
         fn = task.logprob_fn(params)
         if exclude:
             context["seen"] = _seen_mask(batch["history"], n_rows)
             return _excluding_seen(fn, transitions, n_levels), context
-        return (lambda ctx, prefix: fn(ctx["model"], prefix)), context
+        return _model_only(fn), context
 
     def search(params, tables, batch, exclude):
-        fn, context = scorer(params, tables.transitions, batch, exclude)
-        items, scores = constrained_beam_search(fn, context, tables, beam)
+        fn, model_context, state = gm.beam_scorer(task.model, task.m.backbone, params, batch["history_tokens"],
+                                                  beam)
+        context = {"model": model_context}
+        if exclude:
+            context["seen"] = _seen_mask(batch["history"], n_rows)
+            fn = _excluding_seen(fn, tables.transitions, n_levels)
+        else:
+            fn = _model_only(fn)
+        items, scores = constrained_beam_search(fn, context, tables, beam, state)
         if exclude:                              # seen items (score -inf) are not returned
             items = jnp.where(jnp.isneginf(scores), -1, items)
         return items, scores
 
     def exact(params, trie, batch, exclude):
-        fn, context = scorer(params, trie.transitions, batch, exclude)
+        fn, context = exact_scorer(params, trie.transitions, batch, exclude)
         scores = exact_item_scores(fn, context, trie, task.m.exact_chunk)
         if exclude:
             scores = jnp.where(context["seen"][:, 1:], -jnp.inf, scores)

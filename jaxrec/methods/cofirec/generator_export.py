@@ -57,21 +57,18 @@ def make_search(model, backbone: str, beam: int, n_items: int, n_levels: int):
     """The pure search (params, transitions, history_tokens [B, T·K], seen [B, n_items + 1] |
     None) -> item indices [B, W] (0 = none); seen items are never returned when `seen` is
     given (they rank after every unseen item and are dropped, as in evaluation)."""
-    from jaxrec.methods.cofirec.generator_eval import _excluding_seen
-
-    context_of = gm.t5_context if backbone == "t5" else gm.decoder_context
-    logprob_of = gm.t5_logprob_fn if backbone == "t5" else gm.decoder_logprob_fn
+    from jaxrec.methods.cofirec.generator_eval import _excluding_seen, _model_only
 
     def search(params, transitions, history_tokens, seen):
         tables = TrieTables(tuple(transitions))
-        context = {"model": context_of(model, params, history_tokens)}
-        fn = logprob_of(model, params)
+        fn, model_context, state = gm.beam_scorer(model, backbone, params, history_tokens, beam)
+        context = {"model": model_context}
         if seen is None:
-            items, scores = constrained_beam_search(lambda c, p: fn(c["model"], p), context, tables, beam)
+            items, scores = constrained_beam_search(_model_only(fn), context, tables, beam, state)
         else:
             context["seen"] = seen
             items, scores = constrained_beam_search(_excluding_seen(fn, tables.transitions, n_levels), context,
-                                                    tables, beam)
+                                                    tables, beam, state)
             items = jnp.where(jnp.isneginf(scores), -1, items)
         return jnp.where(items >= 0, items + 1, 0), scores
     return search

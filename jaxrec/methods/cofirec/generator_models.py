@@ -152,6 +152,18 @@ class CodeT5(nn.Module):
         h = constrain(h, ("batch", "seq", "embed"))
         return self.backbone.decode(enc, mask, decoder_inputs_embeds=h, deterministic=deterministic)
 
+    def decode_step(self, enc, mask, tokens, position: int, past):
+        """Incremental decoding: logits [N, vocab] after decoder input `tokens` [N] (bos at
+        position 0, else the code token of level position - 1) at decoder position
+        `position`, given the self-attention cache `past` of the positions before; returns
+        (logits, the cache extended by this position). Equals `decode` of the whole prefix."""
+        h = self.backbone.embed(tokens[:, None])
+        if self.level_embedding:
+            h = h + self.decoder_levels[position:position + 1].astype(h.dtype)
+        h = constrain(h, ("batch", "seq", "embed"))
+        logits, present = self.backbone.decode(enc, mask, decoder_inputs_embeds=h, past=past)
+        return logits[:, 0], present
+
     def __call__(self, history_tokens, target_tokens, deterministic: bool = True):
         """Teacher forcing: logits [B, K, vocab] for the target's K codes."""
         enc, mask = self.encode(history_tokens, deterministic)
@@ -229,6 +241,44 @@ def t5_logprob_fn(model: CodeT5, params):
         logits = model.apply({"params": params}, context["enc"], context["mask"], tokens, method="decode")[:, -1]
         return layout.level_logprobs(logits, k).reshape(B, W, -1)
     return fn
+
+
+def t5_initial_state(model: CodeT5, n_batch: int, beam: int):
+    """The per-beam decoder cache before the first code: leaves [B, W, layers, 0, heads, d_kv]."""
+    cfg = model.t5
+    shape = (n_batch, beam, cfg.num_decoder_layers, 0, cfg.num_heads, cfg.d_kv)
+    return {"k": jnp.zeros(shape, jnp.dtype(cfg.dtype)), "v": jnp.zeros(shape, jnp.dtype(cfg.dtype))}
+
+
+def t5_incremental_logprob_fn(model: CodeT5, params):
+    """The beam search's incremental scorer: (context, prefix codes [B, W, k], state) ->
+    (log-probs [B, W, V] of level k, state with position k appended). Each step runs the
+    decoder on one position per beam against the beam's cache (K positions in all, where
+    recomputing the prefix runs 1 + 2 + … + K)."""
+    layout = model.layout
+
+    def fn(context, prefix_codes, state):
+        B, W, k = prefix_codes.shape
+        if k == 0:
+            tokens = jnp.full((B * W,), BOS, jnp.int32)
+        else:
+            tokens = layout.prefix_tokens(prefix_codes)[..., -1].reshape(B * W)
+        past = tuple(jnp.moveaxis(state[n].reshape(B * W, *state[n].shape[2:]), 1, 0) for n in ("k", "v"))
+        logits, present = model.apply({"params": params}, context["enc"], context["mask"], tokens, k, past,
+                                      method="decode_step")
+        new = {n: jnp.moveaxis(x, 0, 1).reshape(B, W, *x.shape[:1], *x.shape[2:]) for n, x in zip(("k", "v"), present)}
+        return layout.level_logprobs(logits, k).reshape(B, W, -1), new
+    return fn
+
+
+def beam_scorer(model, backbone: str, params, history_tokens, beam: int):
+    """(logprob_fn, context, initial state or None) of the beam search over `history_tokens`:
+    the T5 decodes incrementally with a per-beam cache; the decoder-only model extends the
+    shared history cache by the prefix (no per-beam state)."""
+    if backbone == "t5":
+        return (t5_incremental_logprob_fn(model, params), t5_context(model, params, history_tokens),
+                t5_initial_state(model, history_tokens.shape[0], beam))
+    return decoder_logprob_fn(model, params), decoder_context(model, params, history_tokens), None
 
 
 def decoder_context(model: CodeDecoder, params, history_tokens):
