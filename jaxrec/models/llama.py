@@ -182,7 +182,9 @@ class Llama(nn.Module):
             the updated cache is returned in `.cache`.
         prefix: a read-only `KVCache` of Bp rows shared by B = Bp·R query rows
             (row b·R+j continues prefix row b): scores R continuations of each prompt
-            without copying the prompt's keys/values. Not combinable with `cache`.
+            without copying the prompt's keys/values. With `cache` too, each row's cache
+            holds its own continuation after the shared prefix (beams decoding one token
+            at a time after one shared prompt).
         logit_index [B]: compute logits only at this time index per row → [B, vocab].
         return_hidden: also return the final-normed hidden states [B,T,d].
         deterministic: False enables LoRA dropout (needs rngs={'dropout': key}).
@@ -191,8 +193,6 @@ class Llama(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B,T] or inputs_embeds [B,T,d]")
-        if cache is not None and prefix is not None:
-            raise ValueError("a call takes either a cache to extend or a read-only prefix, not both")
         table = self.param("embed_tokens", _embedding_init, (cfg.vocab_size, cfg.hidden_size),
                            jnp.dtype(cfg.param_dtype))
         if inputs_embeds is None:
@@ -206,14 +206,13 @@ class Llama(nn.Module):
         mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         gates = _check_gates(cfg, lora_gates, B)
 
-        if cache is not None:
-            base = cache.lengths()
-        elif prefix is not None:
+        base = jnp.zeros((B,), jnp.int32)
+        if prefix is not None:
             if B % prefix.batch_size:
                 raise ValueError(f"batch {B} is not a multiple of the prefix batch {prefix.batch_size}")
             base = jnp.repeat(prefix.lengths(), B // prefix.batch_size)
-        else:
-            base = jnp.zeros((B,), jnp.int32)
+        if cache is not None:
+            base = base + cache.lengths()
         if positions is None:
             positions = jnp.maximum(base[:, None] + jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)
         positions = positions.astype(jnp.int32)
@@ -222,7 +221,8 @@ class Llama(nn.Module):
             ctx = _Context(q_positions=positions, q_slots=idx + jnp.arange(T),
                            key_valid=jax.lax.dynamic_update_slice(cache.valid, mask, (0, idx)),
                            key_positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, idx)),
-                           write_index=idx, prefix_valid=None, prefix_positions=None)
+                           write_index=idx, prefix_valid=None if prefix is None else prefix.valid,
+                           prefix_positions=None if prefix is None else prefix.positions)
         else:
             ctx = _Context(q_positions=positions, q_slots=jnp.arange(T), key_valid=mask, key_positions=positions,
                            write_index=None, prefix_valid=None if prefix is None else prefix.valid,

@@ -225,21 +225,22 @@ def test_length_buckets_cut_only_padding_the_loss_and_the_beam_lists_are_unchang
     np.testing.assert_array_equal(got, want)
 
 
-def test_t5_beam_search_with_the_decoder_cache_returns_the_lists_of_recomputing_every_prefix(codes_file):
+@pytest.mark.parametrize("backbone", ["t5", "decoder"])
+def test_beam_search_with_per_beam_caches_returns_the_lists_of_recomputing_every_prefix(codes_file, backbone):
     import flax.linen as nn
 
     from jaxrec.eval.beam_search import constrained_beam_search
     from jaxrec.methods.cofirec import generator_models as gm
-    task = GeneratorTask(build_config(raw_config(codes_file), "cache"))
+    task = GeneratorTask(build_config(raw_config(codes_file, backbone=backbone), "cache"))
     params = nn.unbox(task.init(jax.random.key(3)).trainable)
     records = task.eval_sets("test")[0].records
     history = np.stack([records[i]["history_tokens"] for i in range(24)])
     beam = 8                                   # narrower than the 30 items: the search prunes
 
     def searched(incremental):
-        fn, context, state = gm.beam_scorer(task.model, "t5", params, history, beam)
+        fn, context, state = gm.beam_scorer(task.model, backbone, params, history, beam)
         if not incremental:
-            fn, state = gm.t5_logprob_fn(task.model, params), None
+            fn, state = task.logprob_fn(params), None
         return constrained_beam_search(fn, context, task.trie.tables, beam, state)
 
     cached, recomputed = jax.jit(lambda: searched(True))(), jax.jit(lambda: searched(False))()

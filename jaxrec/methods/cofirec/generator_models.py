@@ -224,6 +224,17 @@ class CodeDecoder(nn.Module):
         return self.backbone(inputs_embeds=h, prefix=cache, logit_index=jnp.full((n,), k - 1)).logits
 
 
+    def step(self, prefix: KVCache, own: KVCache, tokens, level: int):
+        """Incremental decoding after the shared history `prefix`: the code token of level
+        `level` [N, 1] of the target item, written into each row's `own` cache (its earlier
+        target codes) → (logits [N, vocab] for the next level's code, the extended cache).
+        Equals `extend` of the whole prefix."""
+        h = self._embeds(tokens, np.array([level]), np.array([self.max_history]), True)
+        out = self.backbone(inputs_embeds=h, prefix=prefix, cache=own, logit_index=jnp.zeros((tokens.shape[0],),
+                                                                                              jnp.int32))
+        return out.logits, out.cache
+
+
 # ---------------------------------------------------------------------------------------
 # Beam-search scorers: context pytrees with a leading batch dim, and logprob functions
 # ---------------------------------------------------------------------------------------
@@ -271,14 +282,55 @@ def t5_incremental_logprob_fn(model: CodeT5, params):
     return fn
 
 
+def decoder_initial_state(model: CodeDecoder, n_batch: int, beam: int):
+    """Each beam's own cache of its target codes (after the shared history), empty:
+    k/v [B, W, layers, K, kv heads, head dim], valid/positions [B, W, K]."""
+    cfg, K = model.llama, model.layout.n_levels
+    shape = (n_batch, beam, cfg.num_layers, K, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, jnp.dtype(cfg.dtype)), "v": jnp.zeros(shape, jnp.dtype(cfg.dtype)),
+            "valid": jnp.zeros((n_batch, beam, K), bool), "positions": jnp.zeros((n_batch, beam, K), jnp.int32)}
+
+
+def decoder_incremental_logprob_fn(model: CodeDecoder, params):
+    """The decoder-only model's incremental scorer: at level k >= 1 it runs one token per
+    beam (the code of level k - 1) against the shared history cache and the beam's own cache;
+    level 0 reads the prefill's logits."""
+    layout = model.layout
+
+    def fn(context, prefix_codes, state):
+        B, W, k = prefix_codes.shape
+        if k == 0:
+            logp = layout.level_logprobs(context["first"], 0)
+            return jnp.broadcast_to(logp[:, None], (B, W, logp.shape[-1])), state
+        history = KVCache(k=jnp.moveaxis(context["k"], 1, 0), v=jnp.moveaxis(context["v"], 1, 0),
+                          valid=context["valid"], positions=context["positions"],
+                          index=jnp.asarray(context["valid"].shape[1], jnp.int32))
+
+        def rows(x):
+            return x.reshape(B * W, *x.shape[2:])
+        own = KVCache(k=jnp.moveaxis(rows(state["k"]), 1, 0), v=jnp.moveaxis(rows(state["v"]), 1, 0),
+                      valid=rows(state["valid"]), positions=rows(state["positions"]),
+                      index=jnp.asarray(k - 1, jnp.int32))
+        tokens = layout.prefix_tokens(prefix_codes)[..., -1:].reshape(B * W, 1)
+        logits, cache = model.apply({"params": params}, history, own, tokens, k - 1, method="step")
+
+        def beams(x):
+            return x.reshape(B, W, *x.shape[1:])
+        new = {"k": beams(jnp.moveaxis(cache.k, 0, 1)), "v": beams(jnp.moveaxis(cache.v, 0, 1)),
+               "valid": beams(cache.valid), "positions": beams(cache.positions)}
+        return layout.level_logprobs(logits, k).reshape(B, W, -1), new
+    return fn
+
+
 def beam_scorer(model, backbone: str, params, history_tokens, beam: int):
-    """(logprob_fn, context, initial state or None) of the beam search over `history_tokens`:
-    the T5 decodes incrementally with a per-beam cache; the decoder-only model extends the
-    shared history cache by the prefix (no per-beam state)."""
+    """(logprob_fn, context, initial state) of the beam search over `history_tokens`: both
+    backbones decode incrementally, each beam with its own cache of the codes it chose."""
+    B = history_tokens.shape[0]
     if backbone == "t5":
         return (t5_incremental_logprob_fn(model, params), t5_context(model, params, history_tokens),
-                t5_initial_state(model, history_tokens.shape[0], beam))
-    return decoder_logprob_fn(model, params), decoder_context(model, params, history_tokens), None
+                t5_initial_state(model, B, beam))
+    return (decoder_incremental_logprob_fn(model, params), decoder_context(model, params, history_tokens),
+            decoder_initial_state(model, B, beam))
 
 
 def decoder_context(model: CodeDecoder, params, history_tokens):
