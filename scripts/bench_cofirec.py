@@ -11,10 +11,11 @@ Stages (each writes its entry of results/bench_cofirec.json):
               hierarchy has no CF level to drop (model.drop_levels=[cf] is a Beauty ablation).
               Cells already in the JSON are kept; --jobs N runs N cells at once, one core each.
   beauty      Beauty (leave-one-out, full ranking, history <= 20) under one CPU budget per run
-              (--beauty-steps x --beauty-batch): TIGER and CoFiRec on the tokenizer runs of
-              `bench_semantic_ids.py beauty`, each with the T5 and the decoder-only backbone, per seed,
-              and the T5 on LETTER's released codes. SASRec's row is read from
-              results/bench_sasrec_beauty_default.json (same split and full ranking).
+              (~25 core-minutes of training: --t5-epochs / --decoder-epochs, batch --beauty-batch): TIGER and
+              CoFiRec on the tokenizer runs of `bench_semantic_ids.py beauty`, each with the T5 and the
+              decoder-only backbone, per seed, and both backbones on LETTER's released codes. Cells
+              already in the JSON are kept; --jobs N runs N cells at once, one core each. SASRec's row
+              is read from results/bench_sasrec_beauty_default.json (same split and full ranking).
   step        Beauty, LETTER's released codes: seconds per training step of each backbone (LETTER's
               sizes, batch --beauty-batch) at the full history width and with --length-buckets widths
               (records of similar length batched together, padding cut to the bucket's width).
@@ -25,7 +26,7 @@ Stages (each writes its entry of results/bench_cofirec.json):
     python scripts/bench_semantic_ids.py synthetic      # the tokenizer runs the synthetic stage reads
     python scripts/bench_cofirec.py synthetic --seeds 0 1 2 --jobs 2
     python scripts/bench_semantic_ids.py beauty         # the Beauty tokenizer runs the beauty stage reads
-    python scripts/bench_cofirec.py beauty --seeds 0 1
+    python scripts/bench_cofirec.py beauty --seeds 0 1 --jobs 2 --exact-users 32
     python scripts/bench_cofirec.py beam --data ../shared/data/amazon/Beauty
     python scripts/bench_cofirec.py --table
 """
@@ -62,6 +63,8 @@ BEAUTY_VARIANTS = {
     "tiger_decoder": ("configs/tiger/beauty.yaml", "runs/tiger-tokenizer-beauty", ["model.backbone=decoder"]),
     "cofirec_decoder": ("configs/cofirec/beauty.yaml", "runs/cofirec-tokenizer-beauty", ["model.backbone=decoder"]),
     "letter_codes_t5": ("configs/tiger/beauty_letter_codes.yaml", "{data}/letter_Beauty.index.json", []),
+    "letter_codes_decoder": ("configs/tiger/beauty_letter_codes.yaml", "{data}/letter_Beauty.index.json",
+                             ["model.backbone=decoder"]),
 }
 REPORTED = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "valid_ratio", "duplicate_rate",
             "beam_exact_disagreement@10", "beam_users_per_s", "history_excluded/recall@10",
@@ -93,12 +96,14 @@ def _train_one(config_path: str, overrides: list[str]) -> dict:
     from jaxrec.config import load_config
     from jaxrec.train.trainer import train
     config = load_config(REPO / config_path, overrides)
+    started = time.time()
     result = train(config)
+    wall = time.time() - started
     test = result.tests["test"]
     n_records = _records(config)
     epochs = result.steps * config.train.batch_size / n_records
     return {"config": config_path, "overrides": overrides, "steps": result.steps, "epochs": round(epochs, 3),
-            "train_seconds": round(result.train_seconds, 1),
+            "train_seconds": round(result.train_seconds, 1), "wall_seconds": round(wall, 1),
             "seconds_per_epoch": round(result.train_seconds / max(epochs, 1e-9), 1),
             "peak_rss_mib": round(peak_rss_mib(), 1), "best_step": result.best_step,
             "test": {k: test[k] for k in REPORTED if k in test},
@@ -135,8 +140,22 @@ def stage_synthetic(args) -> None:
                 raise SystemExit(f"{tokenizer}: missing; run `python scripts/bench_semantic_ids.py synthetic` first")
             todo.append((name, seed, [config, f"model.semantic_ids={tokenizer.relative_to(REPO)}", f"run.seed={seed}",
                                       f"run.dir=runs/bench_cofirec/synthetic/{name}-{seed}", *budget, *extra]))
+    def done(name, seed, result):
+        rows["runs"].setdefault(name, {})[str(seed)] = result
+        rows["summary"] = _summarise(rows["runs"])
+        _save("synthetic", rows)
+        print(f"{name} seed {seed}: {json.dumps(result['test'])}", flush=True)
+
+    _run_cells(todo, args.jobs, done)
+    rows["summary"] = _summarise(rows["runs"])
+    _save("synthetic", rows)
+
+
+def _run_cells(todo: list, jobs: int, done) -> None:
+    """Run (name, seed, args) cells `jobs` at a time, one core each (pinned), calling
+    `done(name, seed, result)` under a lock as each finishes."""
     cores = sorted(os.sched_getaffinity(0))
-    jobs = max(1, min(args.jobs, len(cores)))
+    jobs = max(1, min(jobs, len(cores)))
     free, lock = list(cores[:jobs]), threading.Lock()
 
     def run(cell):
@@ -149,38 +168,63 @@ def stage_synthetic(args) -> None:
             with lock:
                 free.append(core)
         with lock:
-            rows["runs"].setdefault(name, {})[str(seed)] = result
-            rows["summary"] = _summarise(rows["runs"])
-            _save("synthetic", rows)
-        print(f"{name} seed {seed}: {json.dumps(result['test'])}", flush=True)
+            done(name, seed, result)
 
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         list(pool.map(run, todo))
-    rows["summary"] = _summarise(rows["runs"])
-    _save("synthetic", rows)
+
+
+def _tokenizer_stats(run_dir: Path) -> dict | None:
+    """The test report of the tokenizer run a Beauty cell read (its codes' statistics)."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return None
+    test = json.loads(path.read_text())["tests"]["test"]
+    return {k: v for k, v in test.items() if k.startswith(("utilisation/", "perplexity/", "collision_rate",
+                                                             "unique_ratio", "reconstruction"))}
 
 
 def stage_beauty(args) -> None:
+    """Every (variant, seed) cell not yet in the JSON under this budget, `--jobs` at a time,
+    one core each; a finished cell is saved at once, so an interrupted stage resumes."""
     data = Path(args.data)
     rows = _load().get("beauty", {"budget": None, "runs": {}})
-    budget = [f"data.source={data / 'Beauty.txt'}", f"train.steps={args.beauty_steps}",
-              f"train.batch_size={args.beauty_batch}", f"train.eval_every={args.beauty_steps}",
-              f"checkpoint.every={args.beauty_steps}", f"model.exact_users={args.exact_users}",
+    # One CPU budget, about the same core-minutes of training per cell: the T5 encodes every prefix
+    # on its own (513 steps an epoch), the decoder-only model all prefixes of a history in one pass
+    # (92), so they get different numbers of epochs for the same time.
+    epochs = {"t5": args.t5_epochs, "decoder": args.decoder_epochs}
+    budget = [f"epochs per backbone {epochs}", f"train.batch_size={args.beauty_batch}",
+              "train.eval_every=0", "checkpoint.every=200", f"model.exact_users={args.exact_users}",
               f"model.valid_users={args.valid_users}", f"model.both_exclusions={str(args.both_exclusions).lower()}",
-              "train.progress=false"]
-    rows["budget"] = budget[1:]
+              f"eval.batch_size={args.eval_batch}", "train.progress=false"]
+    if rows["runs"] and rows["budget"] != budget:
+        raise SystemExit(f"{OUT}: its Beauty cells ran under another budget {rows['budget']}; "
+                         "move the file aside to start over")
+    rows["budget"] = budget
+    todo = []
     for name in args.beauty_variants:
         config, codes, extra = BEAUTY_VARIANTS[name]
         codes = codes.format(data=data)
         if not (REPO / codes).exists():
             raise SystemExit(f"{codes}: missing; run `python scripts/bench_semantic_ids.py beauty` first")
+        if not codes.endswith(".json"):
+            rows.setdefault("tokenizers", {})[codes] = _tokenizer_stats(REPO / codes)
         for seed in args.seeds:
-            run = _in_subprocess([config, f"model.semantic_ids={codes}", f"run.seed={seed}",
-                                  f"run.dir=runs/bench_cofirec/beauty/{name}-{seed}", *budget, *extra])
-            rows["runs"].setdefault(name, {})[str(seed)] = run
-            print(f"beauty {name} seed {seed}: {json.dumps(run['test'])} {run['seconds_per_epoch']} s/epoch",
-                  flush=True)
-            _save("beauty", rows)
+            if str(seed) in rows["runs"].get(name, {}):
+                print(f"beauty {name} seed {seed}: done already", flush=True)
+                continue
+            backbone = "decoder" if "model.backbone=decoder" in extra else "t5"
+            todo.append((name, seed, [config, f"data.source={data / 'Beauty.txt'}", f"model.semantic_ids={codes}",
+                                      f"run.seed={seed}", f"run.dir=runs/bench_cofirec/beauty/{name}-{seed}",
+                                      f"train.epochs={epochs[backbone]}", *budget[1:], *extra]))
+
+    def done(name, seed, run):
+        rows["runs"].setdefault(name, {})[str(seed)] = run
+        rows["summary"] = _summarise(rows["runs"])
+        _save("beauty", rows)
+        print(f"beauty {name} seed {seed}: {json.dumps(run['test'])} {run['seconds_per_epoch']} s/epoch", flush=True)
+
+    _run_cells(todo, args.jobs, done)
     sasrec = REPO / "results" / "bench_sasrec_beauty_default.json"
     if sasrec.is_file():
         ref = json.loads(sasrec.read_text())
@@ -227,16 +271,27 @@ def _beam_one(data_dir: str, users_loop: int, batch: int) -> dict:
     result = task.evaluate(test, params, session.frozen, {}, evaluator)
     batched_wall = time.perf_counter() - started
     records = test.records
-    rows = [records[i] for i in range(min(users_loop, len(records)))]
-    beam_search_items(task, params, rows[0]["history_tokens"][None])          # compile the one-user program
+    buckets = task.length_buckets(records)
+    n_loop = min(users_loop, len(records))
+
+    def one_user(i):
+        """User i's history cut to its bucket's width, as the batched search sees it."""
+        tokens = records[i]["history_tokens"][None]
+        if buckets is None:
+            return tokens
+        return buckets.cut({"history_tokens": tokens}, buckets.widths[buckets.bucket_of[i]])["history_tokens"]
+
+    for width in sorted({one_user(i).shape[1] for i in range(n_loop)}):        # compile each one-user program
+        beam_search_items(task, params, next(one_user(i) for i in range(n_loop) if one_user(i).shape[1] == width))
     started = time.perf_counter()
-    for row in rows:
-        beam_search_items(task, params, row["history_tokens"][None])
-    loop_rate = len(rows) / (time.perf_counter() - started)
+    for i in range(n_loop):
+        beam_search_items(task, params, one_user(i))
+    loop_rate = n_loop / (time.perf_counter() - started)
     return {"users": len(records), "levels": task.ids.n_levels, "beam": task.m.beam, "batch": batch,
+            "length_buckets": config.data.length_buckets, "decoder_cache": True, "backbone": task.m.backbone,
             "devices": jax.device_count(), "batched_users_per_s": round(result["beam_users_per_s"], 1),
             "batched_wall_seconds_incl_compile": round(batched_wall, 1),
-            "per_user_loop_users_per_s": round(loop_rate, 2), "loop_users": len(rows),
+            "per_user_loop_users_per_s": round(loop_rate, 2), "loop_users": n_loop,
             "speedup": round(result["beam_users_per_s"] / loop_rate, 1),
             "valid_ratio": result.get("valid_ratio"), "duplicate_rate": result.get("duplicate_rate"),
             "peak_rss_mib": round(peak_rss_mib(), 1)}
@@ -268,18 +323,18 @@ def _step_one(data_dir: str, backbone: str, length_buckets: int, steps: int, bat
     stream = pipeline.train_stream(records, batch, 0, None, config.data.num_threads, config.data.prefetch, buckets)
     step = jax.jit(make_train_step(task, tx, sched, per_epoch), donate_argnums=0)
     key = jax.random.key(1)
-    widths = set(buckets.widths) if buckets is not None else {None}
+    n_shapes = len(buckets.widths) if buckets is not None else 1
     seen, compile_seconds = set(), 0.0
     with layout.activate():
-        while seen != widths:                           # compile (and run once) every width
+        while len(seen) < n_shapes:                     # compile (and run once) every width
             host = next(stream)
-            width = next(iter(host.values())).shape[1] if buckets is not None else None
+            shape = tuple(sorted((k, v.shape) for k, v in host.items()))
             started = time.perf_counter()
             state, metrics = step(state, session.frozen, pipeline.to_global(host, layout), key)
             jax.block_until_ready(metrics)
-            if width not in seen:
+            if shape not in seen:
                 compile_seconds += time.perf_counter() - started
-            seen.add(width)
+            seen.add(shape)
         started = time.perf_counter()
         for _ in range(steps):
             state, metrics = step(state, session.frozen, pipeline.to_global(next(stream), layout), key)
@@ -309,7 +364,12 @@ def stage_step(args) -> None:
 
 
 def stage_beam(args) -> None:
-    run = _in_subprocess(["beam", args.data, str(args.loop_users), str(args.batch)])
+    run = _in_subprocess(["beam", args.data, str(args.loop_users), str(args.batch)], args.core_for_cells)
+    old = _load().get("beam", {})
+    # The figure before length buckets and the decoder caches (2026-12-02) stays beside the new one.
+    run["before_buckets_and_cache"] = old.get("before_buckets_and_cache") or (
+        {k: v for k, v in old.items() if k != "before_buckets_and_cache"} if old and "length_buckets" not in old
+        else None)
     _save("beam", run)
     print(json.dumps(run), flush=True)
 
@@ -342,10 +402,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="generator steps per synthetic run (CPU budget)")
     parser.add_argument("--batch-size", type=int, default=128, help="generator batch per synthetic run")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="synthetic: cells run in parallel, one core each (timings stay per core)")
+                        help="synthetic, beauty: cells run in parallel, one core each (timings stay per core)")
     parser.add_argument("--beauty-variants", nargs="+", default=list(BEAUTY_VARIANTS),
                         help=", ".join(BEAUTY_VARIANTS))
-    parser.add_argument("--beauty-steps", type=int, default=1000, help="generator steps per Beauty run (CPU budget)")
+    parser.add_argument("--t5-epochs", type=float, default=0.5,
+                        help="Beauty: T5 epochs per run (the CPU budget: ~25 core-minutes of training on this CPU)")
+    parser.add_argument("--decoder-epochs", type=float, default=4.0,
+                        help="Beauty: decoder-only epochs per run (the same ~25 core-minutes)")
+    parser.add_argument("--eval-batch", type=int, default=32, help="Beauty: users per beam-search batch")
     parser.add_argument("--beauty-batch", type=int, default=256, help="generator batch per Beauty run")
     parser.add_argument("--valid-users", type=int, default=2000,
                         help="Beauty: validation users (a fixed random subset; the test split always has all)")
@@ -358,7 +422,7 @@ def main() -> None:
     parser.add_argument("--length-buckets", type=int, default=5, help="step: the bucketed setting's widths")
     parser.add_argument("--step-steps", type=int, default=20, help="step: timed steps per setting")
     parser.add_argument("--core-for-cells", type=int, default=None,
-                        help="step: pin each measured process to this CPU (default: every core)")
+                        help="step, beam: pin the measured process to this CPU (default: every core)")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--core", type=int, default=None, help=argparse.SUPPRESS)
