@@ -67,7 +67,7 @@ BEAUTY_VARIANTS = {
                              ["model.backbone=decoder"]),
 }
 REPORTED = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "valid_ratio", "duplicate_rate",
-            "beam_exact_disagreement@10", "beam_users_per_s", "history_excluded/recall@10",
+            "beam_exact_disagreement@10", "beam_exact_overlap@10", "exact_users", "beam_users_per_s", "history_excluded/recall@10",
             "history_excluded/ndcg@10")
 
 

@@ -216,6 +216,21 @@ def topk_differs(beam_items: jax.Array, exact_scores: jax.Array, k: int) -> jax.
     return ~same
 
 
+def topk_overlap(beam_items: jax.Array, exact_scores: jax.Array, k: int) -> jax.Array:
+    """[B] float32: the share of the exact top-k items (by a stable sort of the exact scores,
+    NaN last) that are among the beam's first k live items. 1 where `topk_differs` is False
+    and no exact scores tie across the k-th place; how far off the beam is where it differs."""
+    if not 1 <= k <= beam_items.shape[1]:
+        raise ValueError(f"k must be in 1..beam width ({beam_items.shape[1]}), got {k}")
+    k = min(k, exact_scores.shape[1])
+    keyed = jnp.where(jnp.isnan(exact_scores), -jnp.inf, exact_scores)
+    index = lax.broadcasted_iota(jnp.int32, keyed.shape, 1)
+    _, order = lax.sort((-keyed, index), dimension=1, num_keys=1, is_stable=True)
+    top = beam_items[:, :k]
+    found = (order[:, :k, None] == top[:, None, :]) & (top[:, None, :] >= 0)
+    return jnp.any(found, axis=2).sum(1).astype(jnp.float32) / k
+
+
 def topk_disagreement(beam_items: jax.Array, exact_scores: jax.Array, k: int) -> jax.Array:
     """Fraction (float32 scalar) of users whose beam top-k set differs from the exact one."""
     return jnp.mean(topk_differs(beam_items, exact_scores, k).astype(jnp.float32))

@@ -189,6 +189,19 @@ def test_topk_disagreement_against_exact_scores():
         topk_differs(beams, scores, 5)
 
 
+def test_topk_overlap_is_the_share_of_the_exact_top_k_in_the_beam_top_k():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(50, 30)).astype(np.float32)
+    scores[0, 5] = np.nan                                   # NaN ranks last
+    beams = np.stack([rng.permutation(30)[:8] for _ in range(50)]).astype(np.int32)
+    beams[1, 2:] = -1                                       # dead beams never count
+    got = np.asarray(jax.jit(beam_search.topk_overlap, static_argnums=2)(jnp.asarray(beams), jnp.asarray(scores), 4))
+    for b in range(50):                                     # brute force: sets of item ids
+        exact = set(np.argsort(-np.nan_to_num(scores[b], nan=-np.inf), kind="stable")[:4].tolist())
+        beam = {int(i) for i in beams[b, :4] if i >= 0}
+        assert got[b] == pytest.approx(len(exact & beam) / 4)
+
+
 def test_trie_tables_are_traced_arguments():
     """Two tries of the same shape through one compiled search: no recompile, both right."""
     table, context = _problem()

@@ -14,6 +14,7 @@ remain). Metrics are computed on the host from the returned item lists:
 - `duplicate_rate`: returned beams repeating an item earlier in the same user's list (0);
 - `beam_exact_disagreement@k`: on the first `exact_users` users, how often the beam's
   top-k set differs from the exact top-k (teacher-forced log-likelihood of every item);
+  `beam_exact_overlap@k`: the mean share of the exact top-k that the beam's top-k holds;
 - `beam_users_per_s`: users searched per second over the batches whose shape was compiled
   already (over all batches, compiles included, when each shape had one batch); with `data.length_buckets` > 1 the users are
   searched in length-bucket order, each batch cut to its bucket's width.
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.eval.beam_search import constrained_beam_search, exact_item_scores, topk_differs
+from jaxrec.eval.beam_search import constrained_beam_search, exact_item_scores, topk_differs, topk_overlap
 from jaxrec.eval.metrics import ranking_metrics
 from jaxrec.methods.cofirec import generator_models as gm
 from jaxrec.methods.cofirec.generator_records import Subset
@@ -169,22 +170,25 @@ def run_search(task, records, params, tables, evaluator, exclude: bool) -> tuple
     return items, float(users / max(seconds, 1e-9))
 
 
-def disagreement(task, records, beam_items, params, trie, evaluator, exclude: bool, k: int) -> tuple[float, int]:
+def disagreement(task, records, beam_items, params, trie, evaluator, exclude: bool,
+                 k: int) -> tuple[float, float, int]:
     """Fraction of the first `exact_users` users whose beam top-k set differs from the exact
     one; `beam_items` [N, W] are the search's lists of these records (item indices)."""
     subset = Subset(records, task.m.exact_users)
     if len(subset) == 0:
-        return float("nan"), 0
+        return float("nan"), float("nan"), 0
     _, exact = _functions(task, evaluator.layout)
     scores = []
     for batch, real in evaluator.batches(subset):
         batch.pop("valid", None)
         scores.append(_host(exact(params, trie, batch, exclude))[:real])
-    differs = _topk_differs(beam_items[:len(subset)] - 1, np.concatenate(scores), k)
-    return float(np.mean(differs)), len(subset)
+    beam, exact = beam_items[:len(subset)] - 1, np.concatenate(scores)
+    differs, overlap = _topk_differs(beam, exact, k), _topk_overlap(beam, exact, k)
+    return float(np.mean(differs)), float(np.mean(overlap)), len(subset)
 
 
 _topk_differs = jax.jit(topk_differs, static_argnums=2)
+_topk_overlap = jax.jit(topk_overlap, static_argnums=2)
 
 
 def evaluate_split(task, eval_set, params, evaluator) -> dict[str, Any]:
@@ -212,8 +216,9 @@ def evaluate_split(task, eval_set, params, evaluator) -> dict[str, Any]:
                                if key.split("@")[0] in ("recall", "ndcg")})
         if task.m.exact_users > 0 and final:
             k = min(10, task.m.beam)
-            value, n = disagreement(task, eval_set.records, beam_items, params, trie, evaluator, exclude, k)
+            value, overlap, n = disagreement(task, eval_set.records, beam_items, params, trie, evaluator, exclude, k)
             result[f"beam_exact_disagreement@{k}"] = value
+            result[f"beam_exact_overlap@{k}"] = overlap
             result["exact_users"] = n
     result["examples"] = len(eval_set.records)
     return result
