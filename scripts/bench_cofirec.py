@@ -19,6 +19,7 @@ Stages (each writes its entry of results/bench_cofirec.json):
   step        Beauty, LETTER's released codes: seconds per training step of each backbone (LETTER's
               sizes, batch --beauty-batch) at the full history width and with --length-buckets widths
               (records of similar length batched together, padding cut to the bucket's width).
+  overlap     beam_exact_overlap@10 for Beauty cells measured before it was reported (from their checkpoints).
   beam        Beauty, LETTER's released codes, the T5 generator at LETTER's sizes: all test users in
               batched jitted passes vs a per-user loop of the same search (users/s). Weights are the
               initialisation: the search's cost does not depend on them.
@@ -245,6 +246,10 @@ def _summarise(runs: dict) -> dict:
             for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10") for stat in ("mean", "std")}}
         summary[name]["popularity_ndcg@10"] = cells[0]["popularity"].get("ndcg@10")
         summary[name]["seconds_per_epoch"] = statistics.mean(c["seconds_per_epoch"] for c in cells)
+        for k in ("beam_exact_disagreement@10", "beam_exact_overlap@10", "beam_users_per_s",
+                  "history_excluded/recall@10", "history_excluded/ndcg@10"):
+            if all(k in c["test"] for c in cells):
+                summary[name][f"{k}_mean"] = statistics.mean(c["test"][k] for c in cells)
     return summary
 
 
@@ -349,6 +354,54 @@ def _step_one(data_dir: str, backbone: str, length_buckets: int, steps: int, bat
             "peak_rss_mib": round(peak_rss_mib(), 1)}
 
 
+def _overlap_one(run_dir: str) -> dict:
+    """beam_exact_overlap@10 of a finished cell, from its best checkpoint, on the same users and
+    history setting its evaluation used (for cells measured before the figure existed)."""
+    from jaxrec.methods.cofirec.generator_eval import disagreement, run_search
+    from jaxrec.train.evaluation import Evaluator
+    from jaxrec.train.runs import open_run
+    run = open_run(REPO / run_dir)
+    task, layout = run.task, run.session.layout
+    test = task.eval_sets("test")[0]
+    subset = _first(test.records, task.m.exact_users)
+    evaluator = Evaluator(task, layout, task.config.eval.batch_size)
+    exclude = task.config.eval.exclude_history
+    trie = jax_device_put(task.trie, layout)
+    with layout.activate():
+        items, _ = run_search(task, subset, run.state.params, trie.tables, evaluator, exclude)
+        differs, overlap, n = disagreement(task, subset, items, run.state.params, trie, evaluator, exclude, 10)
+    return {"beam_exact_disagreement@10": differs, "beam_exact_overlap@10": overlap, "exact_users": n}
+
+
+def _first(records, n):
+    from jaxrec.methods.cofirec.generator_records import Subset
+    subset = Subset(records, n)
+    subset.slots, subset.trim = records.slots[:subset.n], records.trim      # bucketed like the full split
+    return subset
+
+
+def jax_device_put(trie, layout):
+    import jax
+    return jax.device_put(trie, layout.replicated())
+
+
+def stage_overlap(args) -> None:
+    """Add beam_exact_overlap@10 to the Beauty cells that lack it (recomputed from their checkpoints)."""
+    rows = _load().get("beauty", {"runs": {}})
+    for name, per_seed in rows["runs"].items():
+        for seed, cell in per_seed.items():
+            if "beam_exact_overlap@10" in cell["test"]:
+                continue
+            got = _in_subprocess(["overlap", f"runs/bench_cofirec/beauty/{name}-{seed}"])
+            if got["beam_exact_disagreement@10"] != cell["test"].get("beam_exact_disagreement@10"):
+                raise SystemExit(f"{name} seed {seed}: the recomputed disagreement {got} differs from the cell's")
+            cell["test"]["beam_exact_overlap@10"] = got["beam_exact_overlap@10"]
+            cell["overlap_recomputed_from_checkpoint"] = True
+            print(f"{name} seed {seed}: {got}", flush=True)
+    rows["summary"] = _summarise(rows["runs"])
+    _save("beauty", rows)
+
+
 def stage_step(args) -> None:
     """Both backbones, each without and with length buckets; one job at a time."""
     from jaxrec.bench import machine_info
@@ -432,19 +485,23 @@ def main() -> None:
     if args.one:
         if args.one[0] == "beam":
             result = _beam_one(args.one[1], int(args.one[2]), int(args.one[3]))
+        elif args.one[0] == "overlap":
+            result = _overlap_one(args.one[1])
         elif args.one[0] == "step":
             result = _step_one(args.one[1], args.one[2], int(args.one[3]), int(args.one[4]), int(args.one[5]))
         else:
             result = _train_one(args.one[0], args.one[1:])
         print(json.dumps(result, default=str))
         return
-    unknown = [s for s in args.stages if s not in ("synthetic", "beauty", "beam", "step")]
+    unknown = [s for s in args.stages if s not in ("synthetic", "beauty", "beam", "step", "overlap")]
     bad = [v for v in args.variants if v not in VARIANTS] + [v for v in args.beauty_variants
                                                               if v not in BEAUTY_VARIANTS]
     if unknown or bad:
         parser.error(f"unknown stage(s) {unknown} or variant(s) {bad}")
     for stage in args.stages:
-        {"synthetic": stage_synthetic, "beauty": stage_beauty, "beam": stage_beam, "step": stage_step}[stage](args)
+        stages = {"synthetic": stage_synthetic, "beauty": stage_beauty, "beam": stage_beam, "step": stage_step,
+                  "overlap": stage_overlap}
+        stages[stage](args)
     print(table())
 
 
