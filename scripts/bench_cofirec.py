@@ -202,24 +202,31 @@ def stage_beauty(args) -> None:
         raise SystemExit(f"{OUT}: its Beauty cells ran under another budget {rows['budget']}; "
                          "move the file aside to start over")
     rows["budget"] = budget
-    todo = []
+    todo, tokenizer_of = [], {}
     for name in args.beauty_variants:
         config, codes, extra = BEAUTY_VARIANTS[name]
         codes = codes.format(data=data)
         if not (REPO / codes).exists():
             raise SystemExit(f"{codes}: missing; run `python scripts/bench_semantic_ids.py beauty` first")
-        if not codes.endswith(".json"):
-            rows.setdefault("tokenizers", {})[codes] = _tokenizer_stats(REPO / codes)
+        stats = None if codes.endswith(".json") else _tokenizer_stats(REPO / codes)
+        if stats is not None:
+            rows.setdefault("tokenizers", {})[codes] = stats
         for seed in args.seeds:
             if str(seed) in rows["runs"].get(name, {}):
                 print(f"beauty {name} seed {seed}: done already", flush=True)
                 continue
             backbone = "decoder" if "model.backbone=decoder" in extra else "t5"
+            # A tokenizer run rebuilt between seeds has not repeated bit for bit (a rebuild of the
+            # Beauty embeddings and tokenizer gave 245 category codes where the first gave 246),
+            # so each cell keeps the statistics of the codes it read.
+            tokenizer_of[(name, seed)] = stats
             todo.append((name, seed, [config, f"data.source={data / 'Beauty.txt'}", f"model.semantic_ids={codes}",
                                       f"run.seed={seed}", f"run.dir=runs/bench_cofirec/beauty/{name}-{seed}",
                                       f"train.epochs={epochs[backbone]}", *budget[1:], *extra]))
 
     def done(name, seed, run):
+        if tokenizer_of[(name, seed)] is not None:
+            run["tokenizer"] = tokenizer_of[(name, seed)]
         rows["runs"].setdefault(name, {})[str(seed)] = run
         rows["summary"] = _summarise(rows["runs"])
         _save("beauty", rows)
