@@ -211,22 +211,22 @@ def stage_beauty(args) -> None:
         stats = None if codes.endswith(".json") else _tokenizer_stats(REPO / codes)
         if stats is not None:
             rows.setdefault("tokenizers", {})[codes] = stats
+        # A tokenizer run rebuilt between seeds has not repeated bit for bit (a rebuild of the Beauty
+        # embeddings and tokenizer gave 245 category codes where the first gave 246), so each cell
+        # keeps the statistics of the codes it read.
+        tokenizer_of[name] = stats
         for seed in args.seeds:
             if str(seed) in rows["runs"].get(name, {}):
                 print(f"beauty {name} seed {seed}: done already", flush=True)
                 continue
             backbone = "decoder" if "model.backbone=decoder" in extra else "t5"
-            # A tokenizer run rebuilt between seeds has not repeated bit for bit (a rebuild of the
-            # Beauty embeddings and tokenizer gave 245 category codes where the first gave 246),
-            # so each cell keeps the statistics of the codes it read.
-            tokenizer_of[(name, seed)] = stats
             todo.append((name, seed, [config, f"data.source={data / 'Beauty.txt'}", f"model.semantic_ids={codes}",
                                       f"run.seed={seed}", f"run.dir=runs/bench_cofirec/beauty/{name}-{seed}",
                                       f"train.epochs={epochs[backbone]}", *budget[1:], *extra]))
 
     def done(name, seed, run):
-        if tokenizer_of[(name, seed)] is not None:
-            run["tokenizer"] = tokenizer_of[(name, seed)]
+        if tokenizer_of[name] is not None:
+            run["tokenizer"] = tokenizer_of[name]
         rows["runs"].setdefault(name, {})[str(seed)] = run
         rows["summary"] = _summarise(rows["runs"])
         _save("beauty", rows)
@@ -476,7 +476,8 @@ def main() -> None:
     parser.add_argument("--both-exclusions", action=argparse.BooleanOptionalAction, default=True,
                         help="Beauty: also search the test split with the other history setting (doubles its cost)")
     parser.add_argument("--exact-users", type=int, default=100)
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "amazon" / "Beauty"))
+    parser.add_argument("--data", default=None,
+                        help="the Beauty directory (default: ../shared/data/amazon/Beauty beside the repository)")
     parser.add_argument("--loop-users", type=int, default=100, help="users timed in the per-user loop")
     parser.add_argument("--batch", type=int, default=512, help="users per batched beam-search pass")
     parser.add_argument("--length-buckets", type=int, default=5, help="step: the bucketed setting's widths")
@@ -487,6 +488,11 @@ def main() -> None:
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--core", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # Paths recorded in the JSON and handed to the cells (which run in the repository) are relative
+    # to the repository, so a result names no machine's directories.
+    args.data = ("../shared/data/amazon/Beauty" if args.data is None
+                 else os.path.relpath(os.path.abspath(args.data), REPO))
+    os.chdir(REPO)
     if args.core is not None:
         os.sched_setaffinity(0, {args.core})
     if args.one:

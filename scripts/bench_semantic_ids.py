@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -174,14 +175,20 @@ def table() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stages", nargs="*", help="synthetic | embed | beauty")
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "amazon" / "Beauty"),
-                        help="the Beauty directory (Beauty.txt, item_text.json, letter_Beauty.index.json)")
+    parser.add_argument("--data", default=None,
+                        help="the Beauty directory (Beauty.txt, item_text.json, letter_Beauty.index.json; "
+                             "default: ../shared/data/amazon/Beauty beside the repository)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--steps", type=int, default=3000, help="tokenizer steps on Beauty (CPU budget)")
     parser.add_argument("--guide-epochs", type=int, default=30, help="CF guide epochs on Beauty (CPU budget)")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # Paths recorded in the JSON and handed to the cells (which run in the repository) are relative
+    # to the repository, so a result names no machine's directories.
+    args.data = ("../shared/data/amazon/Beauty" if args.data is None
+                 else os.path.relpath(os.path.abspath(args.data), REPO))
+    os.chdir(REPO)
     if args.one:
         kind, *rest = args.one
         result = _embed_one(rest[0]) if kind == "embed" else _train_one(rest[0], rest[1:])
