@@ -61,6 +61,13 @@ def update_json(path: str | Path, benchmark: str, key: str, value) -> Path:
     return write_json(path, payload)
 
 
+def repo_relative(path: str | os.PathLike | None, default: str) -> str:
+    """`path` (None: `default`, already relative) relative to the checkout, for a script that
+    records it in a committed JSON and runs from the checkout: `write_json` rewrites only paths
+    inside the checkout, and data beside it (../shared/...) would otherwise name this machine."""
+    return default if path is None else os.path.relpath(os.path.abspath(path), _REPO_ROOT)
+
+
 def write_json(path: str | Path, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -488,10 +488,10 @@ def main() -> None:
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--core", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # Paths recorded in the JSON and handed to the cells (which run in the repository) are relative
-    # to the repository, so a result names no machine's directories.
-    args.data = ("../shared/data/amazon/Beauty" if args.data is None
-                 else os.path.relpath(os.path.abspath(args.data), REPO))
+    from jaxrec.bench import repo_relative
+
+    # The cells run in the repository and the JSON records this path: relative, it names no machine.
+    args.data = repo_relative(args.data, "../shared/data/amazon/Beauty")
     os.chdir(REPO)
     if args.core is not None:
         os.sched_setaffinity(0, {args.core})
